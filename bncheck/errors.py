@@ -1,0 +1,36 @@
+"""Errors bncheck raises on purpose, and the exit codes the CLI maps them to.
+
+Deep code raises a subclass with a message a user can act on; only ``cli.py`` turns it into
+``bncheck: error: …`` and an exit code.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class ExitCode(enum.IntEnum):
+    OK = 0
+    FINDINGS = 1  # findings at or above --fail-on, or a fold whose verification failed
+    ERROR = 2  # the run could not be done: bad input, bad option, missing file, unsafe file
+    INTERRUPTED = 130
+
+
+class BncheckError(Exception):
+    """Base class: the run could not be done. Exit code 2."""
+
+    exit_code: ExitCode = ExitCode.ERROR
+
+
+class InputError(BncheckError):
+    """A model, data or option the user gave is missing, malformed or inconsistent."""
+
+
+class UnsafeInputError(BncheckError):
+    """A file that could run code when loaded (pickle, TorchScript) and no --trust-pickle."""
+
+
+class VerificationError(BncheckError):
+    """A transformed model does not compute the same function as the original. Exit code 1."""
+
+    exit_code = ExitCode.FINDINGS
