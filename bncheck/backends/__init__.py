@@ -38,7 +38,7 @@ def sniff(path: Path) -> str:
         return "pickle"
     if len(head) >= 9:
         (header_len,) = struct.unpack("<Q", head[:8])
-        if head[8:9] == b"{" and 0 < header_len:
+        if head[8:9] == b"{" and header_len > 0:
             return "safetensors"
     if _looks_like_onnx(head):
         return "onnx"

@@ -1,0 +1,442 @@
+"""Static checks on BN layers: each rule turns a ``BNLayer`` into zero or one ``Finding``.
+
+Codes are stable and documented in the README. ``BN1xx`` statistics, ``BN2xx`` configuration,
+``BN3xx`` folding, ``BN4xx`` data mismatch (those live with ``check``). A rule's docstring is
+what ``bncheck explain CODE`` prints: first line the summary, then why it matters.
+"""
+
+from __future__ import annotations
+
+import inspect as _inspect
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from bncheck.layers import BNLayer, Finding, ModelInfo, Severity
+
+FP16_MAX = 65504.0
+# Folded weights are the conv weights times |gamma|/sqrt(var+eps); past this factor a typical
+# weight (|w| ~ 1..10) lands near the fp16 maximum after folding.
+EXTREME_SCALE = 1e4
+# |gamma| below this, relative to the layer's largest |gamma| (or absolutely), is a dead channel:
+# the channel outputs the constant beta whatever its input.
+DEAD_GAMMA_ABS = 1e-8
+
+
+@dataclass(frozen=True)
+class Rule:
+    code: str
+    name: str
+    severity: Severity
+    hint: str
+    check: Callable[[BNLayer, ModelInfo], str | None]
+
+    @property
+    def doc(self) -> str:
+        return _inspect.getdoc(self.check) or ""
+
+    @property
+    def summary(self) -> str:
+        return self.doc.splitlines()[0] if self.doc else self.name
+
+
+RULES: dict[str, Rule] = {}
+# Rules about the model as a whole (no layer), run once per model.
+MODEL_RULES: dict[str, Rule] = {}
+
+
+def _rule(code: str, name: str, severity: Severity, hint: str, *, model: bool = False):
+    def register(fn: Callable) -> Callable:
+        table = MODEL_RULES if model else RULES
+        table[code] = Rule(code, name, severity, hint, fn)
+        return fn
+
+    return register
+
+
+def all_rules() -> dict[str, Rule]:
+    """Every rule by code, layer rules and model rules together, sorted by code."""
+    return dict(sorted({**RULES, **MODEL_RULES}.items()))
+
+
+def _f64(a: np.ndarray | None) -> np.ndarray | None:
+    return None if a is None else np.asarray(a, dtype=np.float64)
+
+
+def _count(mask: np.ndarray, total: int) -> str:
+    return f"{int(mask.sum())} of {total} channel{'s' if total != 1 else ''}"
+
+
+# --- BN1xx: statistics ---------------------------------------------------------------------
+
+
+@_rule(
+    "BN101",
+    "uncalibrated",
+    Severity.ERROR,
+    "run `bncheck recalibrate MODEL --data D -o OUT` on representative data",
+)
+def uncalibrated(layer: BNLayer, info: ModelInfo) -> str | None:
+    """Running statistics were never calibrated.
+
+    The running mean is exactly 0 and the running variance exactly 1 in every channel (the
+    values a fresh BN layer starts with), or ``num_batches_tracked`` is 0. At inference the
+    layer then normalizes with statistics that have nothing to do with the data, and the
+    network's accuracy is typically near chance.
+    """
+    if layer.frozen and layer.running_mean is None:
+        return None
+    if layer.num_batches_tracked == 0 and layer.track_running_stats:
+        return "num_batches_tracked is 0: running statistics were never updated"
+    mean, var = _f64(layer.running_mean), _f64(layer.running_var)
+    if mean is None or var is None or mean.size == 0:
+        return None
+    if np.all(mean == 0.0) and np.all(var == 1.0):
+        return "running_mean is all 0 and running_var all 1: the initial values, never calibrated"
+    return None
+
+
+@_rule(
+    "BN102",
+    "non-positive-variance",
+    Severity.ERROR,
+    "recalibrate the layer; a variance cannot be negative, so the stored value is corrupt",
+)
+def non_positive_variance(layer: BNLayer, info: ModelInfo) -> str | None:
+    """Running variance is zero or negative in some channels.
+
+    A variance cannot be negative; with ``var + eps <= 0`` the square root is NaN and the
+    channel's output is NaN, and at exactly 0 the layer divides by ``sqrt(eps)`` alone.
+    """
+    var = _f64(layer.running_var)
+    if var is None:
+        return None
+    bad = np.isfinite(var) & (var <= 0)
+    if not bad.any():
+        return None
+    return f"running_var <= 0 in {_count(bad, var.size)} (min {var[bad].min():.3g})"
+
+
+@_rule(
+    "BN103",
+    "tiny-variance",
+    Severity.WARNING,
+    "recalibrate on representative data, or raise eps; check the channel is not dead upstream",
+)
+def tiny_variance(layer: BNLayer, info: ModelInfo) -> str | None:
+    """Running variance is positive but below eps in some channels.
+
+    The normalization is then dominated by eps, and any input fluctuation in that channel is
+    amplified by up to ``1/sqrt(eps)`` (~316x for eps=1e-5). Usually a channel that was
+    constant (dead after ReLU) during calibration.
+    """
+    var = _f64(layer.running_var)
+    if var is None:
+        return None
+    tiny = np.isfinite(var) & (var > 0) & (var < layer.eps)
+    if not tiny.any():
+        return None
+    where = _count(tiny, var.size)
+    return f"0 < running_var < eps={layer.eps:g} in {where} (min {var[tiny].min():.3g})"
+
+
+@_rule(
+    "BN104",
+    "non-finite",
+    Severity.ERROR,
+    "find where NaN/Inf entered training (lr, fp16 overflow) and recalibrate or retrain",
+)
+def non_finite(layer: BNLayer, info: ModelInfo) -> str | None:
+    """NaN or Inf in a BN tensor (running mean/var, weight, bias).
+
+    Every output of the affected channels becomes NaN or Inf, and after the next layer mixes
+    channels, every output of the network.
+    """
+    parts = []
+    for label, arr in (
+        ("running_mean", layer.running_mean),
+        ("running_var", layer.running_var),
+        ("weight", layer.weight),
+        ("bias", layer.bias),
+    ):
+        a = _f64(arr)
+        if a is not None and not np.all(np.isfinite(a)):
+            parts.append(f"{label} ({int((~np.isfinite(a)).sum())})")
+    if not parts:
+        return None
+    return "non-finite values in " + ", ".join(parts)
+
+
+@_rule(
+    "BN105",
+    "dead-channels",
+    Severity.WARNING,
+    "the channels output a constant: prune them, or check for over-strong weight decay",
+)
+def dead_channels(layer: BNLayer, info: ModelInfo) -> str | None:
+    """Dead channels: |gamma| is about 0, so the channel outputs the constant beta.
+
+    Common after strong L1/weight decay on BN scales (network slimming). Harmless to accuracy
+    but wasted compute; and a whole layer of them means the layer does nothing.
+    """
+    gamma = _f64(layer.weight)
+    if gamma is None or gamma.size == 0:
+        return None
+    mag = np.abs(gamma[np.isfinite(gamma)])
+    if mag.size == 0:
+        return None
+    dead = np.isfinite(gamma) & (np.abs(gamma) <= max(DEAD_GAMMA_ABS, 1e-6 * float(mag.max())))
+    if not dead.any():
+        return None
+    return f"|gamma| ~ 0 in {_count(dead, gamma.size)}"
+
+
+@_rule(
+    "BN106",
+    "extreme-scale",
+    Severity.WARNING,
+    "folded weights may overflow in fp16: recalibrate, or keep this layer in fp32",
+)
+def extreme_scale(layer: BNLayer, info: ModelInfo) -> str | None:
+    """Extreme folded scale |gamma|/sqrt(var+eps) (above 1e4).
+
+    Folding multiplies the producer's weights by this factor; in a half-precision deployment
+    (max 65504) the folded weights overflow to Inf. Usually tiny variance or a huge gamma.
+    """
+    var = _f64(layer.running_var)
+    if var is None:
+        return None
+    gamma = _f64(layer.weight)
+    gamma = np.ones_like(var) if gamma is None else gamma
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scale = np.abs(gamma) / np.sqrt(var + layer.eps)
+    big = np.isfinite(scale) & (scale > EXTREME_SCALE)
+    if not big.any():
+        return None
+    return f"|gamma|/sqrt(var+eps) up to {scale[big].max():.3g} in {_count(big, var.size)}"
+
+
+@_rule(
+    "BN107",
+    "fp16-overflow",
+    Severity.WARNING,
+    "the value becomes Inf in fp16 and zeroes the channel: keep BN in fp32 or rescale the input",
+)
+def fp16_overflow(layer: BNLayer, info: ModelInfo) -> str | None:
+    """Running variance above the fp16 maximum (65504).
+
+    Stored in fp32 it is fine, but a half-precision deployment turns it into Inf, and
+    ``x / sqrt(inf)`` zeroes the channel's output.
+    """
+    var = _f64(layer.running_var)
+    if var is None:
+        return None
+    big = np.isfinite(var) & (var > FP16_MAX)
+    if not big.any():
+        return None
+    return f"running_var > 65504 (fp16 max) in {_count(big, var.size)} (max {var[big].max():.3g})"
+
+
+# --- BN2xx: configuration ------------------------------------------------------------------
+
+
+@_rule(
+    "BN201",
+    "train-mode",
+    Severity.ERROR,
+    "call model.eval() before saving or exporting (ONNX: export with training=EVAL)",
+)
+def train_mode(layer: BNLayer, info: ModelInfo) -> str | None:
+    """Layer saved in train mode (PyTorch ``.training``, ONNX ``training_mode=1``).
+
+    In train mode BN normalizes each batch by its own statistics: outputs depend on what else
+    is in the batch, a batch of one is undefined, and the running statistics are updated.
+    """
+    if layer.training and not layer.frozen:
+        return "saved in train mode: normalizes with batch statistics at inference"
+    return None
+
+
+@_rule(
+    "BN202",
+    "no-running-stats",
+    Severity.ERROR,
+    "construct the layer with track_running_stats=True and calibrate it",
+)
+def no_running_stats(layer: BNLayer, info: ModelInfo) -> str | None:
+    """track_running_stats=False: the layer always uses batch statistics.
+
+    Inference output then depends on the batch, a single-sample batch is undefined, and the
+    layer cannot be folded.
+    """
+    if not layer.track_running_stats and not layer.frozen:
+        return "track_running_stats=False: inference depends on the batch"
+    return None
+
+
+@_rule(
+    "BN203",
+    "momentum",
+    Severity.INFO,
+    "momentum only matters for training and recalibration; `bncheck recalibrate` is exact",
+)
+def momentum(layer: BNLayer, info: ModelInfo) -> str | None:
+    """Unusual momentum: None (cumulative average) or outside (0, 0.5].
+
+    Running statistics are an exponential moving average with this weight on each new batch;
+    a large momentum keeps only the last few batches, a cumulative average weights stale
+    early-training batches equally with late ones.
+    """
+    m = layer.momentum
+    if layer.frozen or not layer.track_running_stats:
+        return None
+    if m is None:
+        return "momentum=None: running statistics are a cumulative average over all of training"
+    if not 0.0 < m <= 0.5:
+        return f"momentum={m:g} (PyTorch convention): running statistics follow recent batches only"
+    return None
+
+
+@_rule(
+    "BN204",
+    "half-precision",
+    Severity.WARNING,
+    "keep BN parameters and statistics in fp32 (autocast does), or fold BN before casting",
+)
+def half_precision(layer: BNLayer, info: ModelInfo) -> str | None:
+    """BN parameters or statistics stored in fp16/bf16.
+
+    Variances span many orders of magnitude: fp16 flushes small ones to 0 and overflows large
+    ones, bf16 keeps 8 bits of mantissa. Mixed-precision training keeps BN in fp32 for this.
+    """
+    low = {"float16", "bfloat16"}
+    parts = []
+    if layer.stats_dtype in low:
+        parts.append(f"statistics in {layer.stats_dtype}")
+    if layer.param_dtype in low:
+        parts.append(f"parameters in {layer.param_dtype}")
+    return "; ".join(parts) or None
+
+
+@_rule(
+    "BN205",
+    "sync-batchnorm",
+    Severity.WARNING,
+    "convert to BatchNorm for inference (it behaves the same in eval mode)",
+)
+def sync_batchnorm(layer: BNLayer, info: ModelInfo) -> str | None:
+    """SyncBatchNorm in a model meant for inference.
+
+    SyncBatchNorm needs a process group in train mode and blocks export paths that do not
+    know it; in eval mode it is plain BatchNorm, so convert it before deployment.
+    """
+    return "SyncBatchNorm in an inference model" if layer.kind == "SyncBatchNorm" else None
+
+
+@_rule(
+    "BN206",
+    "shared-module",
+    Severity.WARNING,
+    "give each call site its own BN module: one set of statistics cannot fit both inputs",
+)
+def shared_module(layer: BNLayer, info: ModelInfo) -> str | None:
+    """One BN module applied at several places in the graph.
+
+    Its running statistics mix the distributions of all call sites, so at inference each site
+    is normalized with statistics that fit none of them exactly.
+    """
+    if layer.call_sites > 1:
+        return f"applied at {layer.call_sites} places: its statistics mix their distributions"
+    return None
+
+
+# --- BN3xx: folding ------------------------------------------------------------------------
+
+
+@_rule(
+    "BN301",
+    "not-foldable",
+    Severity.INFO,
+    "fold needs a Conv/Linear neighbour used by the BN alone; the reason names what blocks it",
+)
+def not_foldable(layer: BNLayer, info: ModelInfo) -> str | None:
+    """BN cannot be folded into a neighbouring layer; the message says why.
+
+    Folding removes the BN at no cost in accuracy by rewriting the weights of the Conv /
+    ConvTranspose / Linear before it (or, when exact, after it). It is impossible when that
+    layer's output also feeds something else, is a graph output, or when the neighbour has no
+    constant weights; such BNs still cost a pass over the activation at inference.
+    """
+    if layer.fold.foldable:
+        return None
+    return f"not foldable: {layer.fold.reason or 'no foldable neighbour'}"
+
+
+@_rule(
+    "BN302",
+    "untraceable",
+    Severity.WARNING,
+    "make the model traceable by torch.export (no data-dependent Python control flow)",
+    model=True,
+)
+def untraceable(layer: BNLayer | None, info: ModelInfo) -> str | None:
+    """The model's graph could not be traced: producers and fold decisions are partial.
+
+    Without a graph, bncheck only sees the module tree: it can pair a Conv with the BN right
+    after it in an ``nn.Sequential``, but cannot tell where else either is used.
+    """
+    return info.graph_error
+
+
+# --- selection -----------------------------------------------------------------------------
+
+
+def _matches(code: str, patterns: Iterable[str]) -> bool:
+    return any(code.startswith(p.strip().upper()) for p in patterns if p.strip())
+
+
+def is_selected(code: str, select: Sequence[str] | None, ignore: Sequence[str] | None) -> bool:
+    """ruff-style selection: a code is on when it matches a --select prefix (all when none
+    given) and no --ignore prefix. ``ALL`` selects everything."""
+    sel = [s for s in (select or []) if s.strip()]
+    if sel and not any(s.upper() == "ALL" for s in sel) and not _matches(code, sel):
+        return False
+    return not _matches(code, ignore or [])
+
+
+def validate_codes(patterns: Iterable[str], known: Iterable[str]) -> None:
+    """Raise InputError for a --select/--ignore entry that matches no known code."""
+    from bncheck.errors import InputError
+
+    known = list(known)
+    for p in patterns:
+        p = p.strip().upper()
+        if p and p != "ALL" and not any(k.startswith(p) for k in known):
+            raise InputError(f"unknown rule code or prefix {p!r} (see `bncheck rules`)")
+
+
+def run_rules(
+    info: ModelInfo,
+    *,
+    select: Sequence[str] | None = None,
+    ignore: Sequence[str] | None = None,
+) -> list[Finding]:
+    """Apply every selected rule to every BN layer of ``info``; model rules once.
+
+    Findings come in graph order of layers, then by code.
+    """
+    findings: list[Finding] = []
+    for code, rule in MODEL_RULES.items():
+        if is_selected(code, select, ignore):
+            msg = rule.check(None, info)
+            if msg:
+                findings.append(Finding(code, rule.severity, None, msg, rule.hint))
+    for layer in info.bn_layers:
+        for code, rule in RULES.items():
+            if not is_selected(code, select, ignore):
+                continue
+            msg = rule.check(layer, info)
+            if msg:
+                findings.append(Finding(code, rule.severity, layer.name, msg, rule.hint))
+    return findings

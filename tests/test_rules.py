@@ -1,0 +1,119 @@
+"""Each rule on hand-made layers: fires on its flaw with the right numbers, silent when healthy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import make_info, make_layer
+
+from bncheck.errors import InputError
+from bncheck.layers import FoldDecision, Severity
+from bncheck.rules import all_rules, is_selected, run_rules, validate_codes
+
+
+def codes_for(layer, **info_overrides):
+    return [f.code for f in run_rules(make_info(layer, **info_overrides))]
+
+
+def test_healthy_layer_has_no_findings():
+    assert codes_for(make_layer()) == []
+
+
+def test_every_rule_is_documented_with_hint_and_summary():
+    for code, rule in all_rules().items():
+        assert code.startswith("BN") and len(code) == 5
+        assert rule.doc and rule.hint and rule.summary
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(running_mean=np.zeros(4, np.float32), running_var=np.ones(4, np.float32)),
+        dict(num_batches_tracked=0),
+    ],
+)
+def test_bn101_uncalibrated(overrides):
+    assert codes_for(make_layer(**overrides)) == ["BN101"]
+
+
+def test_bn101_not_for_frozen_without_tracking():
+    layer = make_layer(num_batches_tracked=None, frozen=True)
+    assert codes_for(layer) == []
+
+
+def test_bn102_non_positive_variance_counts_channels():
+    var = np.array([1.0, -0.5, 0.0, 2.0], np.float32)
+    [f] = run_rules(make_info(make_layer(running_var=var)), select=["BN102"])
+    assert f.severity is Severity.ERROR
+    assert "2 of 4 channels" in f.message and "-0.5" in f.message
+
+
+def test_bn103_tiny_variance():
+    var = np.array([1e-9, 1.0, 1.0, 1e-7], np.float32)
+    findings = run_rules(make_info(make_layer(running_var=var)))
+    tiny = [f for f in findings if f.code == "BN103"]
+    assert len(tiny) == 1 and "2 of 4 channels" in tiny[0].message
+    # 1/sqrt(1e-9 + 1e-5) ~ 316: amplified, but not the extreme scale that overflows fp16.
+    assert [f.code for f in findings] == ["BN103"]
+
+
+def test_bn104_non_finite_names_the_tensor():
+    var = np.array([1.0, np.nan, 1.0, np.inf], np.float32)
+    [f] = run_rules(make_info(make_layer(running_var=var)), select=["BN104"])
+    assert f.message == "non-finite values in running_var (2)"
+
+
+def test_bn105_dead_channels():
+    gamma = np.array([1.0, 0.0, 1e-12, 0.8], np.float32)
+    [f] = run_rules(make_info(make_layer(weight=gamma)), select=["BN105"])
+    assert "2 of 4 channels" in f.message
+
+
+def test_bn106_extreme_scale():
+    gamma = np.array([1.0, 1.0, 5e4, 1.0], np.float32)
+    [f] = run_rules(make_info(make_layer(weight=gamma)), select=["BN106"])
+    assert "1 of 4 channels" in f.message
+
+
+def test_bn107_fp16_overflow():
+    var = np.array([1.0, 7e4, 1.0, 1.0], np.float32)
+    assert codes_for(make_layer(running_var=var)) == ["BN107"]
+
+
+def test_bn2xx_configuration():
+    assert codes_for(make_layer(training=True)) == ["BN201"]
+    assert codes_for(make_layer(track_running_stats=False)) == ["BN202"]
+    assert codes_for(make_layer(momentum=None)) == ["BN203"]
+    assert codes_for(make_layer(momentum=0.9)) == ["BN203"]
+    assert codes_for(make_layer(stats_dtype="float16", param_dtype="bfloat16")) == ["BN204"]
+    assert codes_for(make_layer(kind="SyncBatchNorm")) == ["BN205"]
+    assert codes_for(make_layer(call_sites=2)) == ["BN206"]
+
+
+def test_bn301_carries_the_reason():
+    layer = make_layer(
+        fold=FoldDecision(None, None, "producer Conv 'c1' output also feeds Relu 'r'")
+    )
+    [f] = run_rules(make_info(layer))
+    assert f.code == "BN301" and f.severity is Severity.INFO
+    assert f.message == "not foldable: producer Conv 'c1' output also feeds Relu 'r'"
+
+
+def test_bn302_model_level():
+    findings = run_rules(make_info(make_layer(), graph_error="could not trace the model: boom"))
+    assert [(f.code, f.layer) for f in findings] == [("BN302", None)]
+
+
+def test_select_and_ignore_by_prefix():
+    assert is_selected("BN101", ["BN1"], None)
+    assert not is_selected("BN201", ["BN1"], None)
+    assert not is_selected("BN101", None, ["BN10"])
+    assert is_selected("BN101", ["ALL"], ["BN2"])
+    layer = make_layer(training=True, running_var=np.array([1, 1, 1, 7e4], np.float32))
+    assert [f.code for f in run_rules(make_info(layer), ignore=["BN2"])] == ["BN107"]
+
+
+def test_unknown_code_is_an_input_error():
+    with pytest.raises(InputError, match="BN999"):
+        validate_codes(["BN999"], all_rules())
+    validate_codes(["bn1", "ALL"], all_rules())
