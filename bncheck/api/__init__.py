@@ -1,0 +1,14 @@
+"""The public API, and the only place that wires backends, data, numerics and rules together.
+
+The CLI calls exactly these functions; so can a user's own script or notebook::
+
+    import bncheck
+    result = bncheck.inspect("model.onnx")
+    for finding in result.findings:
+        print(finding.code, finding.layer, finding.message)
+"""
+
+from bncheck.api._common import open_model
+from bncheck.api._inspect import InspectResult, inspect
+
+__all__ = ["InspectResult", "inspect", "open_model"]
