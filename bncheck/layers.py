@@ -128,3 +128,18 @@ class Finding:
     layer: str | None
     message: str
     hint: str
+
+
+@dataclass(frozen=True)
+class FoldStep:
+    """What ``fold`` did with one BN layer.
+
+    ``into`` is ``producer`` / ``consumer`` (weights rewritten, BN removed), ``affine`` (BN
+    replaced by a per-channel scale and shift, no statistics), or None (left as it was, with
+    ``reason``).
+    """
+
+    layer: str
+    into: Literal["producer", "consumer", "affine"] | None
+    target: str | None = None
+    reason: str | None = None
