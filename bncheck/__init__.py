@@ -2,6 +2,6 @@
 
 __version__ = "0.1.0"
 
-from bncheck.api import InspectResult, inspect, open_model
+from bncheck.api import FoldResult, InspectResult, fold, inspect, open_model
 
-__all__ = ["InspectResult", "__version__", "inspect", "open_model"]
+__all__ = ["FoldResult", "InspectResult", "__version__", "fold", "inspect", "open_model"]

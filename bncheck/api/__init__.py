@@ -9,6 +9,15 @@ The CLI calls exactly these functions; so can a user's own script or notebook::
 """
 
 from bncheck.api._common import open_model
+from bncheck.api._fold import FoldResult, Verification, fold, verify_same_function
 from bncheck.api._inspect import InspectResult, inspect
 
-__all__ = ["InspectResult", "inspect", "open_model"]
+__all__ = [
+    "FoldResult",
+    "InspectResult",
+    "Verification",
+    "fold",
+    "inspect",
+    "open_model",
+    "verify_same_function",
+]

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 from bncheck.backends import ModelHandle
 from bncheck.backends import open_model as _open_model
+from bncheck.errors import InputError
 
 
 def open_model(
@@ -35,3 +37,31 @@ def open_model(
 def as_handle(model: str | os.PathLike[str] | ModelHandle, **open_options: Any) -> ModelHandle:
     """A handle as is, or a path opened with ``open_options``."""
     return model if isinstance(model, ModelHandle) else open_model(model, **open_options)
+
+
+def check_output_path(
+    handle: ModelHandle,
+    output: str | os.PathLike[str] | None,
+    *,
+    in_place: bool = False,
+    allowed: tuple[str, ...] = (),
+) -> Path | None:
+    """Refuse an output path that cannot be written, before any work is done.
+
+    The input file is never overwritten unless ``in_place``; the folder must exist; the suffix
+    decides the format, so it must be one of ``allowed``.
+    """
+    if output is None:
+        return None
+    out = Path(output)
+    if allowed and out.suffix.lower() not in allowed:
+        raise InputError(f"{out}: the output must end in {' or '.join(allowed)}")
+    if out.is_dir():
+        raise InputError(f"{out}: is a folder; give a file name")
+    if not out.parent.resolve().is_dir():
+        raise InputError(f"{out}: folder {out.parent} does not exist")
+    if not os.access(out.parent.resolve(), os.W_OK):
+        raise InputError(f"{out}: folder {out.parent} is not writable")
+    if out.exists() and out.resolve() == Path(handle.path).resolve() and not in_place:
+        raise InputError(f"{out}: is the input file; pass --in-place to overwrite it")
+    return out

@@ -1,0 +1,91 @@
+"""``bncheck fold``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from bncheck.cli import (
+    ArchKwargsOpt,
+    ArchOpt,
+    FormatOpt,
+    QuietOpt,
+    ShapeOpt,
+    TrustOpt,
+    VerboseOpt,
+    app,
+    common,
+    console,
+    emit,
+)
+from bncheck.errors import ExitCode
+
+
+@app.command()
+def fold(
+    model: Annotated[Path, typer.Argument(help="model file to fold")],
+    output: Annotated[
+        Path | None,
+        typer.Option("-o", "--output", help="where to write: .onnx, or .pt2 for PyTorch models"),
+    ] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option("--data", help="verify on this data (.npy/.npz) instead of random input"),
+    ] = None,
+    no_verify: Annotated[
+        bool, typer.Option("--no-verify", help="skip the equivalence check")
+    ] = False,
+    affine: Annotated[
+        bool, typer.Option("--affine", help="turn BNs that cannot fold into a scale and shift")
+    ] = False,
+    rtol: Annotated[
+        float | None, typer.Option("--rtol", help="relative tolerance (default by dtype)")
+    ] = None,
+    atol: Annotated[
+        float | None, typer.Option("--atol", help="absolute tolerance (default by dtype)")
+    ] = None,
+    in_place: Annotated[
+        bool, typer.Option("--in-place", help="allow -o to overwrite the input")
+    ] = False,
+    fmt: FormatOpt = None,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    trust_pickle: TrustOpt = False,
+    input_shape: ShapeOpt = None,
+    verbose: VerboseOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Fold BN into neighbouring Conv/ConvTranspose/Linear layers and verify the result.
+
+    Exit 1, and no file written, when the folded model does not compute the same outputs.
+    """
+    from bncheck import api
+    from bncheck.report import fold as rep
+
+    opts = common(
+        fmt, None, None, None, arch, arch_kwargs, trust_pickle, input_shape, verbose, quiet
+    )
+    result = api.fold(
+        model,
+        output,
+        data=data,
+        verify=not no_verify,
+        affine=affine,
+        rtol=rtol,
+        atol=atol,
+        in_place=in_place,
+        **opts.open_options,
+    )
+    if opts.format == "json":
+        emit(rep.to_json(result))
+    elif opts.format == "github":
+        emit(rep.render_github(result))
+    elif opts.format == "markdown":
+        emit(rep.render_markdown(result))
+    elif opts.quiet:
+        emit(rep.summary_line(result))
+    else:
+        rep.render_text(result, console())
+    raise typer.Exit(ExitCode.OK if result.passed else ExitCode.FINDINGS)
