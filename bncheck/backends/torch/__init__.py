@@ -1,0 +1,231 @@
+"""PyTorch backend: load any torch format safely, trace it, discover its BN layers."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from pathlib import Path
+from typing import Any
+
+from bncheck.backends.base import ModelHandle
+from bncheck.backends.torch.discover import build_info, class_name
+from bncheck.backends.torch.load import _first_line, load_torch, quiet_torch
+from bncheck.errors import InputError
+from bncheck.layers import ModelInfo
+
+__all__ = ["TorchHandle", "open_torch"]
+
+_GUESS_SPATIAL = {"Conv1d": (32,), "Conv2d": (32, 32), "Conv3d": (16, 16, 16)}
+
+
+class TorchHandle(ModelHandle):
+    """A loaded PyTorch model: the eager module, and the ExportedProgram once traced.
+
+    ``exported`` is traced lazily (deep copy in eval mode, ``torch.export.export(strict=False)``)
+    on first use; for a ``.pt2`` it is the loaded program. ``notes`` collects remarks such as a
+    guessed example input.
+    """
+
+    framework = "torch"
+
+    def __init__(
+        self,
+        path: Path,
+        format: str,
+        module: Any,
+        exported: Any = None,
+        *,
+        input_shapes: dict[str, tuple[int, ...]] | None = None,
+    ) -> None:
+        self.path = path
+        self.format = format
+        self.module = module
+        self.notes: list[str] = []
+        self._exported = exported
+        self._input_shapes = input_shapes
+        self._traced = exported is not None or format == "torchscript"
+        self._graph_error: str | None = (
+            "TorchScript model: producers and consumers could not be traced"
+            if format == "torchscript"
+            else None
+        )
+        self._example: dict[str, Any] | None = None
+        self._info: ModelInfo | None = None
+
+    @property
+    def example_named(self) -> dict[str, Any]:
+        """Example inputs by forward-argument name (tensors), built once."""
+        if self._example is None:
+            self._example = self._build_example()
+        return self._example
+
+    @property
+    def example_inputs(self) -> tuple[Any, ...]:
+        """Positional example inputs used to trace (and to run) the model."""
+        return tuple(self.example_named.values())
+
+    @property
+    def exported(self) -> Any:
+        """The ExportedProgram (None when the model could not be traced)."""
+        if not self._traced:
+            self._traced = True
+            self._exported, self._graph_error = self._trace()
+        return self._exported
+
+    @property
+    def graph_error(self) -> str | None:
+        _ = self.exported
+        return self._graph_error
+
+    def info(self) -> ModelInfo:
+        """Discover BN layers, other norms, inputs and outputs (cached)."""
+        if self._info is None:
+            # Mode is read before anything runs: tracing works on an eval copy.
+            ep = self.exported
+            outs: tuple[Any, ...] = ()
+            if ep is None and self.format != "pt2":
+                outs = self._eager_outputs()
+            self._info = build_info(
+                str(self.path),
+                self.format,
+                self.module,
+                ep,
+                self._graph_error,
+                self.example_named if ep is None else {},
+                outs,
+            )
+        return self._info
+
+    # ------------------------------------------------------------------------------------------
+
+    def _build_example(self) -> dict[str, Any]:
+        import torch
+
+        shapes = self._input_shapes
+        if self.format == "pt2":
+            return self._pt2_example()
+        dtype = next((p.dtype for p in self.module.parameters() if p.is_floating_point()), None)
+        dtype = dtype or torch.float32
+        names, required = _forward_args(self.module)
+        if shapes:
+            if "" in shapes:
+                if len(shapes) > 1 or len(required) > 1:
+                    raise InputError(
+                        f"{self.path}: model takes inputs {', '.join(names)}; "
+                        "give --input-shape name=dims for each"
+                    )
+                return {names[0] if names else "x": torch.randn(shapes[""], dtype=dtype)}
+            unknown = [k for k in shapes if k not in names]
+            if unknown:
+                raise InputError(
+                    f"{self.path}: no model input named {unknown[0]!r} (inputs: {', '.join(names)})"
+                )
+            given = [n for n in names if n in shapes]
+            if given != names[: len(given)] or not set(required) <= set(given):
+                raise InputError(f"{self.path}: give --input-shape for inputs {', '.join(names)}")
+            return {n: torch.randn(shapes[n], dtype=dtype) for n in given}
+        first = names[0] if names else "x"
+        shape = getattr(self.module, "example_input_shape", None)
+        if isinstance(shape, (tuple, list)) and all(isinstance(d, int) for d in shape):
+            return {first: torch.randn(tuple(shape), dtype=dtype)}
+        for name, m in self.module.named_modules():
+            kind = class_name(m)
+            if kind in _GUESS_SPATIAL and hasattr(m, "in_channels"):
+                shape = (2, m.in_channels, *_GUESS_SPATIAL[kind])
+            elif kind == "Linear" and hasattr(m, "in_features"):
+                shape = (2, m.in_features)
+            else:
+                continue
+            self.notes.append(
+                f"example input {first}{list(shape)} guessed from '{name}' ({kind}); "
+                "pass --input-shape to set it"
+            )
+            return {first: torch.randn(shape, dtype=dtype)}
+        return {}
+
+    def _pt2_example(self) -> dict[str, Any]:
+        import torch
+
+        ep = self._exported
+        names = list(ep.graph_signature.user_inputs)
+        nodes = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
+        shapes = dict(self._input_shapes or {})
+        if "" in shapes and names:
+            shapes[names[0]] = shapes.pop("")
+        ex = ep.example_inputs
+        if ex and not shapes and len(ex[0]) == len(names):
+            return dict(zip(names, ex[0], strict=True))
+        out = {}
+        for n in names:
+            val = nodes[n].meta.get("val")
+            if val is None:
+                continue
+            dims = shapes.get(n) or tuple(d if isinstance(d, int) else 2 for d in val.shape)
+            out[n] = (
+                torch.randn(dims, dtype=val.dtype)
+                if val.is_floating_point()
+                else torch.zeros(dims, dtype=val.dtype)
+            )
+        return out
+
+    def _trace(self) -> tuple[Any, str | None]:
+        import torch
+
+        example = self.example_named
+        if not example:
+            return None, "could not trace the model: no example input (pass --input-shape)"
+        try:
+            work = copy.deepcopy(self.module).eval()
+            with quiet_torch():
+                ep = torch.export.export(work, tuple(example.values()), strict=False)
+        except InputError:
+            raise
+        except Exception as exc:
+            return None, f"could not trace the model: {_first_line(exc)}"
+        return ep, None
+
+    def _eager_outputs(self) -> tuple[Any, ...]:
+        import torch
+
+        if not self.example_named or self.format == "torchscript":
+            return ()
+        try:
+            work = copy.deepcopy(self.module).eval()
+            with torch.no_grad(), quiet_torch():
+                out = work(*self.example_inputs)
+        except Exception:
+            return ()
+        return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
+def _forward_args(module: Any) -> tuple[list[str], list[str]]:
+    """Positional forward arguments, and those of them without a default."""
+    try:
+        params = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):
+        return [], []
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    names = [p for p in params if p.kind in kinds]
+    return [p.name for p in names], [p.name for p in names if p.default is inspect.Parameter.empty]
+
+
+def open_torch(
+    path: Path,
+    *,
+    kind: str,
+    arch: str | None = None,
+    arch_kwargs: dict[str, Any] | None = None,
+    trust_pickle: bool = False,
+    input_shapes: dict[str, tuple[int, ...]] | None = None,
+) -> TorchHandle:
+    """Load a PyTorch file identified as ``kind`` by ``sniff`` and return its handle.
+
+    Raises InputError for malformed files or a bad ``--arch``, UnsafeInputError for files that
+    could run code without ``trust_pickle``.
+    """
+    loaded = load_torch(
+        Path(path), kind=kind, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle
+    )
+    return TorchHandle(
+        Path(path), loaded.format, loaded.module, loaded.exported, input_shapes=input_shapes
+    )
