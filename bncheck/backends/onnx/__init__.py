@@ -1,0 +1,131 @@
+"""ONNX backend: safe loading, BN discovery and fold planning, onnxruntime runs, atomic saves.
+
+Never imports torch; onnxruntime is imported only when a session is made.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from onnx import ModelProto
+
+from bncheck.backends.base import ModelHandle
+from bncheck.backends.onnx.discover import discover
+from bncheck.backends.onnx.graph import GraphIndex
+from bncheck.backends.onnx.load import load_model
+from bncheck.backends.onnx.run import make_session, ort_message, save_onnx
+from bncheck.errors import InputError
+from bncheck.layers import ModelInfo
+
+__all__ = ["OnnxHandle", "open_onnx"]
+
+
+class OnnxHandle(ModelHandle):
+    """A loaded ONNX model (external data read into memory)."""
+
+    format = "onnx"
+    framework = "onnx"
+
+    def __init__(
+        self,
+        path: Path,
+        model: ModelProto,
+        *,
+        input_shapes: dict[str, tuple[int, ...]] | None = None,
+        external_data: bool = False,
+    ) -> None:
+        self.path = Path(path)
+        self.model = model
+        self.input_shapes = dict(input_shapes or {})
+        self.external_data = external_data  # loaded with external data: saved the same way
+        self._info: ModelInfo | None = None
+        self._index: GraphIndex | None = None
+        self._session: Any = None
+
+    @property
+    def index(self) -> GraphIndex:
+        """Producer/consumer/constant index of the graph (built once)."""
+        if self._index is None:
+            self._index = GraphIndex.build(
+                self.model, self.input_shapes or None, source=str(self.path)
+            )
+        return self._index
+
+    def info(self) -> ModelInfo:
+        if self._info is None:
+            self._info = discover(self.index, str(self.path))
+        return self._info
+
+    def session(self) -> Any:
+        """A cached onnxruntime session running the graph as written (ORT_DISABLE_ALL)."""
+        if self._session is None:
+            self._session = make_session(self.model, source=str(self.path))
+        return self._session
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """All graph outputs for ``feeds`` (input name → array), in graph output order."""
+        session = self.session()
+        try:
+            return list(session.run(None, feeds))
+        except Exception as exc:
+            raise InputError(f"{self.path}: onnxruntime run failed: {ort_message(exc)}") from None
+
+    def save(self, path: Path) -> None:
+        """Write the model atomically (with external data if it was loaded with some)."""
+        save_onnx(self.model, Path(path), external_data=True if self.external_data else None)
+
+
+def _normalize_shapes(
+    path: Path, model: ModelProto, shapes: dict[str, tuple[int, ...]] | None
+) -> dict[str, tuple[int, ...]]:
+    """Map ``""`` to the only input, and check names, ranks and fixed dims against the graph."""
+    if not shapes:
+        return {}
+    inits = {t.name for t in model.graph.initializer}
+    inputs = {vi.name: vi for vi in model.graph.input if vi.name not in inits}
+    out: dict[str, tuple[int, ...]] = {}
+    for name, shape in shapes.items():
+        if name == "":
+            if len(inputs) != 1:
+                raise InputError(
+                    f"{path}: the model has {len(inputs)} inputs; name each --input-shape "
+                    f"(inputs: {', '.join(inputs)})"
+                )
+            name = next(iter(inputs))
+        if name not in inputs:
+            raise InputError(
+                f"{path}: no input named '{name}' (inputs: {', '.join(inputs) or 'none'})"
+            )
+        shape = tuple(int(d) for d in shape)
+        if any(d <= 0 for d in shape):
+            raise InputError(f"{path}: input shape {shape} for '{name}' has a non-positive dim")
+        tt = inputs[name].type.tensor_type
+        if tt.HasField("shape"):
+            dims = tt.shape.dim
+            if len(dims) != len(shape):
+                raise InputError(
+                    f"{path}: input '{name}' has rank {len(dims)}, the given shape "
+                    f"{shape} has rank {len(shape)}"
+                )
+            for i, (d, s) in enumerate(zip(dims, shape, strict=True)):
+                if d.HasField("dim_value") and d.dim_value != s:
+                    raise InputError(
+                        f"{path}: input '{name}' has size {d.dim_value} in dim {i}, "
+                        f"the given shape says {s}"
+                    )
+        out[name] = shape
+    return out
+
+
+def open_onnx(path: Path, *, input_shapes: dict[str, tuple[int, ...]] | None = None) -> OnnxHandle:
+    """Load an ONNX model safely (see :mod:`bncheck.backends.onnx.load`) into a handle.
+
+    ``input_shapes`` maps an input name (or ``""`` for the only input) to a shape that fixes
+    its dynamic dims; it must agree with the dims the graph fixes.
+    """
+    path = Path(path)
+    model, external = load_model(path)
+    shapes = _normalize_shapes(path, model, input_shapes)
+    return OnnxHandle(path, model, input_shapes=shapes, external_data=external)

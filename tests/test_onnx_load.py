@@ -1,0 +1,192 @@
+"""Safe ONNX loading: malformed files, external-data paths, declared sizes."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from bncheck.backends import open_model
+from bncheck.backends.onnx import open_onnx
+from bncheck.errors import InputError
+
+F32 = TensorProto.FLOAT
+W = np.arange(16, dtype=np.float32) * 0.5 - 3.0
+
+
+def vi(name: str, shape: list) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, F32, shape)
+
+
+def external_tensor(name: str, location: str, *, offset: int = 0, length: int | None = None):
+    t = TensorProto(name=name, data_type=F32, dims=[16])
+    t.data_location = TensorProto.EXTERNAL
+    for k, v in (("location", location), ("offset", offset), ("length", length)):
+        if v is not None:
+            t.external_data.add(key=k, value=str(v))
+    return t
+
+
+def add_model(w: TensorProto, *, as_constant: bool = False) -> onnx.ModelProto:
+    nodes = [helper.make_node("Add", ["x", "w"], ["y"], name="add")]
+    inits = [w]
+    if as_constant:
+        nodes.insert(0, helper.make_node("Constant", [], ["w"], value=w, name="const_w"))
+        inits = []
+    g = helper.make_graph(nodes, "g", [vi("x", [16])], [vi("y", [16])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def write(folder: Path, m: onnx.ModelProto, name: str = "m.onnx") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    p = folder / name
+    p.write_bytes(m.SerializeToString())
+    return p
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    d = tmp_path / "model"
+    d.mkdir()
+    return d
+
+
+def test_valid_external_data_loads_values(folder):
+    (folder / "sub").mkdir()
+    (folder / "sub" / "w.bin").write_bytes(b"\0" * 8 + W.tobytes())
+    p = write(folder, add_model(external_tensor("w", "sub/w.bin", offset=8, length=64)))
+    h = open_model(p)
+    assert h.external_data is True
+    np.testing.assert_array_equal(h.index.const("w"), W)
+    (y,) = h.run({"x": np.ones(16, np.float32)})
+    np.testing.assert_array_equal(y, W + 1)  # exact: small halves plus one
+
+
+def test_symlink_inside_folder_is_allowed(folder):
+    (folder / "real.bin").write_bytes(W.tobytes())
+    (folder / "link.bin").symlink_to("real.bin")
+    h = open_onnx(write(folder, add_model(external_tensor("w", "link.bin"))))
+    np.testing.assert_array_equal(h.index.const("w"), W)
+
+
+def outside(loc: str) -> str:
+    return rf"external data '{loc}' of tensor 'w' points outside the model's folder"
+
+
+@pytest.mark.parametrize("as_constant", [False, True])
+def test_dotdot_location_refused(folder, as_constant):
+    (folder.parent / "w.bin").write_bytes(W.tobytes())
+    p = write(folder, add_model(external_tensor("w", "../w.bin"), as_constant=as_constant))
+    with pytest.raises(InputError, match=outside(r"\.\./w\.bin")):
+        open_onnx(p)
+
+
+def test_absolute_location_refused(folder):
+    target = folder / "w.bin"
+    target.write_bytes(W.tobytes())
+    p = write(folder, add_model(external_tensor("w", str(target))))
+    with pytest.raises(InputError, match="points outside the model's folder"):
+        open_onnx(p)
+
+
+def test_symlink_out_of_folder_refused(folder):
+    (folder.parent / "secret.bin").write_bytes(W.tobytes())
+    (folder / "w.bin").symlink_to(folder.parent / "secret.bin")
+    p = write(folder, add_model(external_tensor("w", "w.bin")))
+    with pytest.raises(InputError, match=outside(r"w\.bin")):
+        open_onnx(p)
+
+
+def test_hard_link_refused(folder):
+    (folder / "w.bin").write_bytes(W.tobytes())
+    os.link(folder / "w.bin", folder / "w2.bin")
+    p = write(folder, add_model(external_tensor("w", "w2.bin")))
+    with pytest.raises(InputError, match=r"'w2\.bin' has 2 hard links"):
+        open_onnx(p)
+
+
+def test_missing_data_file(folder):
+    p = write(folder, add_model(external_tensor("w", "nope.bin")))
+    with pytest.raises(InputError, match=r"missing external data file 'nope\.bin'"):
+        open_onnx(p)
+
+
+def test_external_range_past_end_and_wrong_length(folder):
+    (folder / "w.bin").write_bytes(W.tobytes())
+    p = write(folder, add_model(external_tensor("w", "w.bin", offset=32, length=64)))
+    with pytest.raises(InputError, match=r"lies past the end of 'w\.bin' \(64 bytes\)"):
+        open_onnx(p)
+    p = write(folder, add_model(external_tensor("w", "w.bin", offset=0, length=32)))
+    with pytest.raises(InputError, match="declares 64 bytes but its external data holds 32"):
+        open_onnx(p)
+
+
+def test_truncated_file(tmp_path):
+    m = add_model(numpy_helper.from_array(W, "w"))
+    data = m.SerializeToString()
+    p = tmp_path / "t.onnx"
+    p.write_bytes(data[: len(data) - 7])
+    with pytest.raises(InputError, match=r"t\.onnx: not a valid ONNX model"):
+        open_model(p)
+
+
+def test_graphless_and_nodeless(tmp_path):
+    m = onnx.ModelProto(ir_version=8)
+    m.opset_import.add(domain="", version=17)
+    p = tmp_path / "a.onnx"
+    p.write_bytes(m.SerializeToString())
+    with pytest.raises(InputError, match=r"a\.onnx: ONNX model has no graph"):
+        open_model(p)
+    m.graph.name = "empty"
+    m.graph.input.append(vi("x", [1]))
+    p.write_bytes(m.SerializeToString())
+    with pytest.raises(InputError, match="ONNX graph has no nodes"):
+        open_model(p)
+
+
+def test_huge_declared_dims_refused_quickly(tmp_path):
+    t = TensorProto(name="w", data_type=F32, dims=[2**40], raw_data=b"")
+    p = write(tmp_path, add_model(t))
+    start = time.perf_counter()
+    with pytest.raises(InputError, match=r"tensor 'w' declares 1099511627776 elements"):
+        open_onnx(p)
+    assert time.perf_counter() - start < 1.0  # refused before allocating anything
+
+
+def test_raw_data_shorter_than_declared(tmp_path):
+    t = TensorProto(name="w", data_type=F32, dims=[16], raw_data=b"\0" * 8)
+    with pytest.raises(InputError, match="tensor 'w' declares 64 bytes but stores 8"):
+        open_onnx(write(tmp_path, add_model(t)))
+
+
+def test_constant_of_shape_too_large(tmp_path):
+    shape = numpy_helper.from_array(np.array([2**20, 2**20], np.int64), "shape")
+    nodes = [helper.make_node("ConstantOfShape", ["shape"], ["y"], name="big")]
+    g = helper.make_graph(nodes, "g", [], [vi("y", [2**20, 2**20])], [shape])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(InputError, match="ConstantOfShape 'big' asks for 1048576x1048576"):
+        open_onnx(write(tmp_path, m))
+
+
+def test_opset_too_new_and_checker_errors(tmp_path):
+    m = add_model(numpy_helper.from_array(W, "w"))
+    m.opset_import[0].version = 40
+    with pytest.raises(InputError, match="uses opset 40, newer than"):
+        open_onnx(write(tmp_path, m))
+    m = add_model(numpy_helper.from_array(W, "w"))
+    m.graph.node[0].input[1] = "undefined_tensor"
+    with pytest.raises(InputError, match=r"m\.onnx: invalid ONNX model \(.*undefined_tensor"):
+        open_onnx(write(tmp_path, m))
+
+
+def test_typed_data_disagreeing_with_dims(tmp_path):
+    t = TensorProto(name="w", data_type=F32, dims=[16], float_data=[1.0, 2.0, 3.0])
+    with pytest.raises(InputError, match=r"m\.onnx: invalid ONNX model \(.*float_data size"):
+        open_onnx(write(tmp_path, add_model(t))).index.const("w")
