@@ -246,16 +246,23 @@ def fp16_overflow(layer: BNLayer, info: ModelInfo) -> str | None:
     "train-mode",
     Severity.ERROR,
     "call model.eval() before saving or exporting (ONNX: export with training=EVAL)",
+    model=True,
 )
-def train_mode(layer: BNLayer, info: ModelInfo) -> str | None:
-    """Layer saved in train mode (PyTorch ``.training``, ONNX ``training_mode=1``).
+def train_mode(layer: BNLayer | None, info: ModelInfo) -> str | None:
+    """Model saved in train mode (PyTorch ``.training``, ONNX ``training_mode=1``).
 
     In train mode BN normalizes each batch by its own statistics: outputs depend on what else
     is in the batch, a batch of one is undefined, and the running statistics are updated.
+    Reported once for the model, naming the layers, since the cause is one missing ``eval()``.
     """
-    if layer.training and not layer.frozen:
-        return "saved in train mode: normalizes with batch statistics at inference"
-    return None
+    names = [x.name for x in info.bn_layers if x.training and not x.frozen]
+    if not names:
+        return None
+    shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+    return (
+        f"{len(names)} of {len(info.bn_layers)} BN layers saved in train mode ({shown}): "
+        "they normalize with batch statistics at inference"
+    )
 
 
 @_rule(

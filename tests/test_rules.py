@@ -81,7 +81,9 @@ def test_bn107_fp16_overflow():
 
 
 def test_bn2xx_configuration():
-    assert codes_for(make_layer(training=True)) == ["BN201"]
+    [f] = run_rules(make_info(make_layer(training=True), make_layer(name="bn2")))
+    assert (f.code, f.layer) == ("BN201", None)
+    assert f.message.startswith("1 of 2 BN layers saved in train mode (bn1)")
     assert codes_for(make_layer(track_running_stats=False)) == ["BN202"]
     assert codes_for(make_layer(momentum=None)) == ["BN203"]
     assert codes_for(make_layer(momentum=0.9)) == ["BN203"]

@@ -175,7 +175,9 @@ def exit_code_for(findings: list[Finding], fail_on: str) -> int:
 
 
 def console() -> Console:
-    return Console(highlight=False, soft_wrap=False)
+    # Off a terminal (CI logs, pipes) rich would wrap at 80 columns; 120 keeps a row a line.
+    width = None if sys.stdout.isatty() else int(os.environ.get("COLUMNS", "120"))
+    return Console(highlight=False, soft_wrap=False, width=width)
 
 
 def emit(text: str) -> None:

@@ -138,7 +138,6 @@ def render_text(result: InspectResult, console: Console, *, verbose: bool = Fals
     title += f", opset {info.opset})" if info.opset else ")"
     table = Table(title=title, title_justify="left", show_lines=False, header_style="bold")
     table.add_column("BN layer", overflow="fold")
-    table.add_column("kind")
     table.add_column("ch", justify="right")
     table.add_column("producer", overflow="fold")
     table.add_column("running mean")
@@ -153,7 +152,6 @@ def render_text(result: InspectResult, console: Console, *, verbose: bool = Fals
             codes.append(f.code, style=SEVERITY_STYLE[f.severity])
         table.add_row(
             layer.name,
-            layer.kind,
             str(layer.channels),
             _producer_text(layer),
             _range_text(layer.running_mean),
@@ -177,6 +175,7 @@ def render_text(result: InspectResult, console: Console, *, verbose: bool = Fals
     shown = [
         f for f in result.findings if verbose or f.severity != Severity.INFO or f.code == "BN301"
     ]
+    hinted: set[str] = set()
     for f in shown:
         where = f.layer or "model"
         console.print(
@@ -187,7 +186,8 @@ def render_text(result: InspectResult, console: Console, *, verbose: bool = Fals
                 f.message,
             )
         )
-        if f.severity != Severity.INFO:
+        if f.severity != Severity.INFO and f.code not in hinted:
+            hinted.add(f.code)
             console.print(Text(f"          fix: {f.hint}", style="dim"))
     console.print(summary_line(result), style="bold")
 

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from bncheck.layers import BNLayer, FoldDecision, ModelInfo, Neighbour, NormLayer, TensorSpec
+from bncheck.numerics import bn_scale_shift
 
 BN_OPS = frozenset(
     {
@@ -372,10 +373,7 @@ def bn_shift_is_zero(mean: Any, var: Any, weight: Any, bias: Any, eps: float) ->
     (float64; gamma = 1, beta = 0 when absent)."""
     if mean is None or var is None:
         return False
-    m = np.asarray(mean, dtype=np.float64)
-    g = np.ones_like(m) if weight is None else np.asarray(weight, dtype=np.float64)
-    b = np.zeros_like(m) if bias is None else np.asarray(bias, dtype=np.float64)
-    shift = b - m * g / np.sqrt(np.asarray(var, dtype=np.float64) + eps)
+    _, shift = bn_scale_shift(mean, var, weight, bias, eps)
     return bool(np.all(shift == 0))
 
 
