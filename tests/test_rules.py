@@ -119,3 +119,11 @@ def test_unknown_code_is_an_input_error():
     with pytest.raises(InputError, match="BN999"):
         validate_codes(["BN999"], all_rules())
     validate_codes(["bn1", "ALL"], all_rules())
+
+
+def test_readme_documents_every_rule():
+    from conftest import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+    for code, rule in all_rules().items():
+        assert f"| {code} | {rule.severity.value} |" in readme, code
