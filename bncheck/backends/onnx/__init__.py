@@ -17,7 +17,7 @@ from bncheck.backends.onnx.graph import GraphIndex
 from bncheck.backends.onnx.load import load_model
 from bncheck.backends.onnx.run import make_session, ort_message, save_onnx
 from bncheck.errors import InputError
-from bncheck.layers import ModelInfo
+from bncheck.layers import FoldStep, ModelInfo
 
 __all__ = ["OnnxHandle", "open_onnx"]
 
@@ -71,6 +71,16 @@ class OnnxHandle(ModelHandle):
             return list(session.run(None, feeds))
         except Exception as exc:
             raise InputError(f"{self.path}: onnxruntime run failed: {ort_message(exc)}") from None
+
+    def folded(self, *, affine: bool = False) -> tuple[OnnxHandle, list[FoldStep]]:
+        """Fold every foldable BN (see :mod:`bncheck.backends.onnx.fold`) into a new handle."""
+        from bncheck.backends.onnx.fold import fold_model
+
+        model, steps = fold_model(self.index, affine=affine)
+        handle = OnnxHandle(
+            self.path, model, input_shapes=self.input_shapes, external_data=self.external_data
+        )
+        return handle, steps
 
     def save(self, path: Path) -> None:
         """Write the model atomically (with external data if it was loaded with some)."""
