@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import copy
 import inspect
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from bncheck.backends.base import ModelHandle
 from bncheck.backends.torch.discover import build_info, class_name
 from bncheck.backends.torch.load import _first_line, load_torch, quiet_torch
 from bncheck.errors import InputError
-from bncheck.layers import ModelInfo
+from bncheck.layers import FoldStep, ModelInfo
 
 __all__ = ["TorchHandle", "open_torch"]
 
@@ -95,6 +98,75 @@ class TorchHandle(ModelHandle):
                 outs,
             )
         return self._info
+
+    def runnable(self) -> Any:
+        """The module inference runs: the graph of a .pt2, else an eval-mode copy (cached)."""
+        if getattr(self, "_runnable", None) is None:
+            if self.format == "pt2" and self._exported is not None:
+                self._runnable = self._exported.module()
+            else:
+                self._runnable = copy.deepcopy(self.module).eval()
+        return self._runnable
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        """Inference forward on CPU (eval mode; a .pt2 runs its graph as exported), inputs by
+        forward-argument name, outputs flattened (tuple/list/dict → list) to numpy."""
+        import torch
+
+        names = list(self.example_named) or list(feeds)
+        if len(feeds) == 1 and len(names) == 1:
+            args = [next(iter(feeds.values()))]
+        else:
+            missing = [n for n in names if n not in feeds]
+            if missing:
+                raise InputError(f"{self.path}: no data for model input {missing[0]!r}")
+            args = [feeds[n] for n in names]
+        tensors = [torch.from_numpy(np.ascontiguousarray(a)) for a in args]
+        try:
+            with torch.inference_mode(), quiet_torch():
+                out = self.runnable()(*tensors)
+        except Exception as exc:
+            raise InputError(f"{self.path}: the model failed to run: {_first_line(exc)}") from None
+        return [t.detach().float().cpu().numpy() if t.dtype == torch.bfloat16 else
+                t.detach().cpu().numpy() for t in _flat_tensors(out)]  # fmt: skip
+
+    def folded(self, *, affine: bool = False) -> tuple[TorchHandle, list[FoldStep]]:
+        """Fold BNs on the traced graph; an untraceable model folds its safe eager pairs."""
+        from bncheck.backends.torch.fold import fold_eager, fold_graph
+
+        if self.exported is not None:
+            ep, steps = fold_graph(self, affine=affine)
+            new = TorchHandle(self.path, "pt2", ep.module(), ep)
+            new._example = dict(self.example_named)
+            return new, steps
+        module, steps = fold_eager(self)
+        new = TorchHandle(self.path, self.format, module, input_shapes=self._input_shapes)
+        new._example = dict(self.example_named)
+        return new, steps
+
+    def save(self, path: Path) -> None:
+        """Write by suffix: ``.pt2`` / ``.onnx`` (need a graph); other suffixes write the
+        source format (state dict, safetensors, trusted pickle)."""
+        from bncheck.backends.torch import save as writers
+
+        path = Path(path)
+        suffix = path.suffix.lower()
+        if suffix in (".pt2", ".onnx"):
+            ep = self.exported
+            if ep is None:
+                raise InputError(f"{path}: cannot write {suffix}: {self.graph_error}")
+            if suffix == ".pt2":
+                writers.save_pt2(ep, path)
+            else:
+                writers.save_onnx_from_program(ep, path)
+        elif self.format == "safetensors" or suffix == ".safetensors":
+            writers.save_safetensors(self.module, path)
+        elif self.format == "pickle":
+            writers.save_pickle(self.module, path)
+        elif self.format == "state_dict":
+            writers.save_state_dict(self.module, path)
+        else:
+            raise InputError(f"{path}: cannot write a {self.format} model as {suffix or 'this'}")
 
     # ------------------------------------------------------------------------------------------
 
@@ -196,6 +268,14 @@ class TorchHandle(ModelHandle):
         except Exception:
             return ()
         return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
+def _flat_tensors(out: Any) -> list[Any]:
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in _flat_tensors(o)]
+    if isinstance(out, dict):
+        return [t for o in out.values() for t in _flat_tensors(o)]
+    return [out] if hasattr(out, "detach") else []
 
 
 def _forward_args(module: Any) -> tuple[list[str], list[str]]:
