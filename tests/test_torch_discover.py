@@ -61,8 +61,9 @@ def test_conv_bn_relu(tmp_path):
     np.testing.assert_array_equal(bn.running_mean, model.bn1.running_mean.numpy())
     np.testing.assert_array_equal(bn.weight, model.bn1.weight.detach().numpy())
     assert info.graph_error is None and info.training is False
-    # example_input_shape is honoured; output follows the traced graph.
-    assert info.inputs[0].shape == (2, 3, 8, 8) and info.outputs[0].shape == (2, 4, 8, 8)
+    # example_input_shape is honoured, traced with a dynamic batch; output follows the graph.
+    assert info.inputs[0].shape == ("batch", 3, 8, 8)
+    assert info.outputs[0].shape == ("batch", 4, 8, 8)
     assert info.parameters == 3 * 4 * 9 + 4 + 4 * 4  # conv w+b, BN w/b/mean/var
     assert info.nodes == 12  # 8 placeholders, conv, bn, relu, output
 
@@ -73,7 +74,7 @@ def test_linear_bn1d_and_input_shape(tmp_path):
     assert (bn.kind, bn.channels) == ("BatchNorm1d", 5)
     assert bn.producer == Neighbour("fc", "Linear", True)
     assert bn.fold == FoldDecision("producer", "fc")
-    assert info.inputs[0].shape == (3, 6)
+    assert info.inputs[0].shape == ("batch", 6)
 
 
 def test_guessed_input_is_noted(tmp_path):
@@ -194,7 +195,8 @@ def test_pt2_matches_eager(tmp_path, factory):
     x = torch.randn(2, 3, 8, 8)
     eager = info_of(tmp_path, model, input_shapes={"": tuple(x.shape)})
     f = tmp_path / "model.pt2"
-    torch.export.save(torch.export.export(model, (x,)), f)
+    batch = {0: torch.export.Dim("batch", min=1)}
+    torch.export.save(torch.export.export(model, (x,), dynamic_shapes=(batch,)), f)
     exported = open_model(f).info()
     assert exported.format == "pt2" and exported.graph_error is None
     assert _layer_facts(exported) == _layer_facts(eager)

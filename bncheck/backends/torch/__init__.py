@@ -246,15 +246,28 @@ class TorchHandle(ModelHandle):
         example = self.example_named
         if not example:
             return None, "could not trace the model: no example input (pass --input-shape)"
-        try:
-            work = copy.deepcopy(self.module).eval()
-            with quiet_torch():
-                ep = torch.export.export(work, tuple(example.values()), strict=False)
-        except InputError:
-            raise
-        except Exception as exc:
-            return None, f"could not trace the model: {_first_line(exc)}"
-        return ep, None
+        work = copy.deepcopy(self.module).eval()
+        # A dynamic batch dim first, so the traced graph (and a fold written from it) runs any
+        # batch size; a model that pins its batch size is traced as it is.
+        batched = tuple(
+            torch.cat([x, x]) if hasattr(x, "dim") and x.dim() > 0 and x.shape[0] == 1 else x
+            for x in example.values()
+        )
+        dims = tuple(
+            {0: torch.export.Dim("batch", min=1)} if hasattr(x, "dim") and x.dim() > 0 else None
+            for x in batched
+        )
+        with quiet_torch():
+            try:
+                return torch.export.export(work, batched, dynamic_shapes=dims, strict=False), None
+            except Exception:
+                pass
+            try:
+                return torch.export.export(work, tuple(example.values()), strict=False), None
+            except InputError:
+                raise
+            except Exception as exc:
+                return None, f"could not trace the model: {_first_line(exc)}"
 
     def _eager_outputs(self) -> tuple[Any, ...]:
         import torch

@@ -593,7 +593,11 @@ def eager_pairs(module: Any) -> dict[str, tuple[Neighbour, Neighbour | None]]:
 
 
 def _spec(name: str, val: Any) -> TensorSpec:
-    shape = tuple(int(d) if str(d).lstrip("-").isdigit() else str(d) for d in val.shape)
+    # A symbolic leading dim is the dynamic batch bncheck traced with: call it that.
+    shape = tuple(
+        int(d) if str(d).lstrip("-").isdigit() else ("batch" if i == 0 else str(d))
+        for i, d in enumerate(val.shape)
+    )
     return TensorSpec(name, shape, str(val.dtype).removeprefix("torch."))
 
 
