@@ -7,14 +7,16 @@ comes from ``bncheck.numerics``, so it is written and tested once.
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
 
 from bncheck.layers import FoldStep, ModelInfo
+from bncheck.numerics import Moments
 
 Feeds = Mapping[str, np.ndarray]
+MomentRunner = Callable[[Feeds], tuple[list[np.ndarray], dict[str, Moments]]]
 
 
 class ModelHandle(abc.ABC):
@@ -40,6 +42,20 @@ class ModelHandle(abc.ABC):
         """Fold every foldable BN into its neighbour; with ``affine``, turn the rest into a
         per-channel scale and shift. Returns the new model and one step per BN layer."""
         raise NotImplementedError(f"{type(self).__name__} cannot fold")
+
+    def moment_runner(self, *, batch_stats: bool) -> MomentRunner:
+        """A callable: one batch → (model outputs, {BN layer name: Moments of its input}).
+
+        ``batch_stats=False``: inference (BN uses its running statistics). ``True``: every BN
+        normalizes with the current batch's statistics, as in training, and nothing is updated.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot collect statistics")
+
+    def with_stats(
+        self, stats: Mapping[str, tuple[np.ndarray, np.ndarray]], *, num_batches: int | None = None
+    ) -> ModelHandle:
+        """A new handle whose BN running mean/var are ``stats`` (layer name → (mean, var))."""
+        raise NotImplementedError(f"{type(self).__name__} cannot write statistics")
 
     def save(self, path: Path) -> None:
         """Write the model atomically (temp file in the target folder, then rename)."""

@@ -82,6 +82,16 @@ class OnnxHandle(ModelHandle):
         )
         return handle, steps
 
+    def moment_runner(self, *, batch_stats: bool) -> Any:
+        from bncheck.backends.onnx.stats import moment_runner
+
+        return moment_runner(self, batch_stats=batch_stats)
+
+    def with_stats(self, stats: Any, *, num_batches: int | None = None) -> Any:
+        from bncheck.backends.onnx.stats import with_stats
+
+        return with_stats(self, stats, num_batches=num_batches)
+
     def save(self, path: Path) -> None:
         """Write the model atomically (with external data if it was loaded with some)."""
         save_onnx(self.model, Path(path), external_data=True if self.external_data else None)

@@ -144,6 +144,16 @@ class TorchHandle(ModelHandle):
         new._example = dict(self.example_named)
         return new, steps
 
+    def moment_runner(self, *, batch_stats: bool) -> Any:
+        from bncheck.backends.torch.stats import moment_runner
+
+        return moment_runner(self, batch_stats=batch_stats)
+
+    def with_stats(self, stats: Any, *, num_batches: int | None = None) -> Any:
+        from bncheck.backends.torch.stats import with_stats
+
+        return with_stats(self, stats, num_batches=num_batches)
+
     def save(self, path: Path) -> None:
         """Write by suffix: ``.pt2`` / ``.onnx`` (need a graph); other suffixes write the
         source format (state dict, safetensors, trusted pickle)."""
