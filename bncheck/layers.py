@@ -79,6 +79,9 @@ class BNLayer:
     call_sites: int
     fold: FoldDecision
     frozen: bool = False  # a frozen-BN class: fixed statistics, never updated
+    # Where the layer came from when the file records it (the PyTorch module path of an ONNX
+    # node exported by torch's dynamo exporter): lets a user find "layer1.bn1" in an ONNX file.
+    origin: str | None = None
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,7 @@ def layer_dict(layer: BNLayer) -> dict[str, Any]:
         "track_running_stats": layer.track_running_stats,
         "training": layer.training,
         "frozen": layer.frozen,
+        "origin": layer.origin,
         "num_batches_tracked": layer.num_batches_tracked,
         "call_sites": layer.call_sites,
         "stats_dtype": layer.stats_dtype,
@@ -151,7 +152,7 @@ def render_text(result: InspectResult, console: Console, *, verbose: bool = Fals
                 codes.append(" ")
             codes.append(f.code, style=SEVERITY_STYLE[f.severity])
         table.add_row(
-            layer.name,
+            layer.origin or layer.name,  # json keeps the node name; the module path reads better
             str(layer.channels),
             _producer_text(layer),
             _range_text(layer.running_mean),

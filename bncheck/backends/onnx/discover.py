@@ -12,6 +12,7 @@ plan (:class:`FoldPlan`) carries the nodes a rewrite needs.
 
 from __future__ import annotations
 
+import ast
 from dataclasses import dataclass
 
 import numpy as np
@@ -404,7 +405,25 @@ def bn_layer(index: GraphIndex, bn: NodeProto) -> BNLayer:
         consumers=tuple(consumers),
         call_sites=1,
         fold=plan.decision,
+        origin=torch_origin(bn),
     )
+
+
+def torch_origin(node: NodeProto) -> str | None:
+    """The PyTorch module path torch's exporter recorded for ``node`` (``layer1.bn1``), if any.
+
+    The dynamo exporter stores ``pkg.torch.onnx.name_scopes``, a Python list literal whose
+    second-to-last entry is the module path; parsed with ``ast.literal_eval`` (no code runs).
+    """
+    for prop in node.metadata_props:
+        if prop.key == "pkg.torch.onnx.name_scopes":
+            try:
+                scopes = ast.literal_eval(prop.value)
+            except (ValueError, SyntaxError):
+                return None
+            if isinstance(scopes, list) and len(scopes) >= 2 and isinstance(scopes[-2], str):
+                return scopes[-2] or None
+    return None
 
 
 # op type -> (attribute holding a count shown in the shape, its label)
