@@ -2,6 +2,15 @@
 
 __version__ = "0.1.0"
 
-from bncheck.api import FoldResult, InspectResult, fold, inspect, open_model
+from bncheck.api import CheckResult, FoldResult, InspectResult, check, fold, inspect, open_model
 
-__all__ = ["FoldResult", "InspectResult", "__version__", "fold", "inspect", "open_model"]
+__all__ = [
+    "CheckResult",
+    "FoldResult",
+    "InspectResult",
+    "__version__",
+    "check",
+    "fold",
+    "inspect",
+    "open_model",
+]

@@ -8,14 +8,19 @@ The CLI calls exactly these functions; so can a user's own script or notebook::
         print(finding.code, finding.layer, finding.message)
 """
 
+from bncheck.api._check import CheckResult, LayerCheck, OutputDivergence, check
 from bncheck.api._common import open_model
 from bncheck.api._fold import FoldResult, Verification, fold, verify_same_function
 from bncheck.api._inspect import InspectResult, inspect
 
 __all__ = [
+    "CheckResult",
     "FoldResult",
     "InspectResult",
+    "LayerCheck",
+    "OutputDivergence",
     "Verification",
+    "check",
     "fold",
     "inspect",
     "open_model",

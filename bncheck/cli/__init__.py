@@ -204,7 +204,7 @@ def _root(
 
 
 # Each command lives in its own module and registers itself on `app` when imported.
-from bncheck.cli import _fold, _inspect  # noqa: E402, F401
+from bncheck.cli import _check, _fold, _inspect  # noqa: E402, F401
 
 # ---- entry point --------------------------------------------------------------------------
 

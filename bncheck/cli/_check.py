@@ -1,0 +1,145 @@
+"""``bncheck check``: train/test mismatch of every BN layer on data."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from bncheck.cli import (
+    ArchKwargsOpt,
+    ArchOpt,
+    FailOnOpt,
+    FormatOpt,
+    IgnoreOpt,
+    QuietOpt,
+    SelectOpt,
+    ShapeOpt,
+    TrustOpt,
+    VerboseOpt,
+    app,
+    common,
+    console,
+    emit,
+    exit_code_for,
+)
+
+
+@contextmanager
+def _progress_bar(enabled: bool) -> Iterator[Callable[[int, int | None], None] | None]:
+    """A rich progress bar on stderr, or None (off a TTY, in json/github/markdown, with -q)."""
+    if not enabled:
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    ) as bar:
+        task = bar.add_task("batches", total=None)
+
+        def update(done: int, total: int | None) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update
+
+
+@app.command()
+def check(
+    model: Annotated[
+        Path, typer.Argument(help="model file: .onnx, .pt2, .pt/.pth/.bin, .safetensors")
+    ],
+    data: Annotated[
+        Path | None,
+        typer.Option("--data", help="data file: .npy, .npz, .pt, an image or a folder of images"),
+    ] = None,
+    synthetic: Annotated[
+        bool,
+        typer.Option("--synthetic", help="seeded N(0, 1) input instead of data (pipeline test)"),
+    ] = False,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="samples per batch")] = 32,
+    max_samples: Annotated[
+        int | None, typer.Option("--max-samples", help="use at most this many samples")
+    ] = None,
+    max_batches: Annotated[
+        int | None, typer.Option("--max-batches", help="use at most this many batches")
+    ] = None,
+    report: Annotated[
+        Path | None,
+        typer.Option(
+            "--report", help="also write a self-contained HTML page with charts (bncheck[report])"
+        ),
+    ] = None,
+    fmt: FormatOpt = None,
+    fail_on: FailOnOpt = None,
+    select: SelectOpt = None,
+    ignore: IgnoreOpt = None,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    trust_pickle: TrustOpt = False,
+    input_shape: ShapeOpt = None,
+    verbose: VerboseOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Compare each BN layer's running statistics with the statistics it sees on data.
+
+    Exit 1 when findings reach --fail-on (default: error, i.e. a diverging layer, BN401).
+    Thresholds come from [tool.bncheck.thresholds]: kl, max-share, output-rel-l2,
+    top1-agreement.
+    """
+    from bncheck.api._check import check as run_check
+    from bncheck.report import check as rep
+    from bncheck.rules_data import CheckThresholds
+
+    opts = common(
+        fmt, fail_on, select, ignore, arch, arch_kwargs, trust_pickle, input_shape, verbose, quiet
+    )
+    where = f"{opts.config.source or 'pyproject.toml'}: [tool.bncheck.thresholds]"
+    thresholds = CheckThresholds.from_mapping(opts.config.get("thresholds"), source=where)
+    if report is not None:
+        from bncheck.report import check_html
+
+        check_html.check_report_path(report)  # fail before the work, not after it
+    open_options = dict(opts.open_options)
+    input_shapes = open_options.pop("input_shapes", None)
+    show_bar = opts.format == "text" and not opts.quiet and sys.stderr.isatty()
+    with _progress_bar(show_bar) as progress:
+        result = run_check(
+            model,
+            data=data,
+            synthetic=synthetic,
+            batch_size=batch_size,
+            max_samples=max_samples,
+            max_batches=max_batches,
+            thresholds=thresholds,
+            input_shapes=input_shapes,
+            progress=progress,
+            select=opts.select,
+            ignore=opts.ignore,
+            **open_options,
+        )
+    if report is not None:
+        written = check_html.write_html(result, report)
+        if not opts.quiet:
+            print(f"bncheck: wrote {written}", file=sys.stderr)
+    if opts.format == "json":
+        emit(rep.to_json(result))
+    elif opts.format == "github":
+        emit(rep.render_github(result))
+    elif opts.format == "markdown":
+        emit(rep.render_markdown(result))
+    elif opts.quiet:
+        emit(rep.summary_line(result))
+    else:
+        rep.render_text(result, console(), verbose=opts.verbose)
+    raise typer.Exit(exit_code_for(result.findings, opts.fail_on))

@@ -1,0 +1,287 @@
+"""Data-mismatch rules (``BN4xx``): findings from ``check``'s figures, never from the model alone.
+
+Each rule is one small function whose docstring is what ``bncheck explain CODE`` prints (first
+line the summary). Layer rules see one :class:`~bncheck.mismatch.LayerMismatch` and the run's
+:class:`DataEvidence`; model rules see the evidence only. Severities:
+
+- ``BN401`` (error): the **first** layer in graph order whose input statistics diverge from its
+  running statistics. Later layers see its shifted output, so it is where a fix starts.
+- ``BN404`` (warning): a later layer that diverges too. Usually inherited from the first one, so
+  it is not an error of its own; it can be an independent second cause, which rerunning
+  ``check`` after fixing the first will show.
+- ``BN402`` (warning): the model's outputs in inference mode are far from the outputs it gives
+  when every BN uses the current batch's statistics. Batch statistics carry sampling noise
+  (about ``1/√(batch·H·W)`` per channel), so small batches raise this figure on healthy data:
+  the threshold is generous and the severity a warning.
+- ``BN403`` (info): the data was synthetic, so none of the figures says much about real data.
+"""
+
+from __future__ import annotations
+
+import inspect as _inspect
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from bncheck.errors import InputError
+from bncheck.layers import Finding, Severity
+from bncheck.mismatch import LayerMismatch, Thresholds
+from bncheck.rules import is_selected
+
+# Defaults for the output-level rule. On the sample ResNet with its own calibration data the
+# inference-mode vs batch-statistics relative L2 is 0.15 at batch 32 and 0.38 at batch 8 (pure
+# batch noise, top-1 agreement ≥ 97%): 0.5 stays clear of that noise.
+OUTPUT_REL_L2 = 0.5
+TOP1_AGREEMENT = 0.9
+
+# Keys accepted in the ``[tool.bncheck.thresholds]`` table (underscores work as well).
+THRESHOLD_KEYS = ("kl", "max-share", "output-rel-l2", "top1-agreement")
+
+
+@dataclass(frozen=True)
+class CheckThresholds:
+    """Every threshold ``check`` applies.
+
+    ``layer``: when a channel and a layer count as diverging (:class:`~bncheck.mismatch.Thresholds`:
+    ``kl`` nats per channel, ``max_share`` of channels). ``output_rel_l2``: BN402 fires when the
+    outputs' relative L2 distance ``‖y_inference − y_batchstats‖₂/‖y_inference‖₂`` exceeds it.
+    ``top1_agreement``: BN402 also fires when a classifier's top-1 agreement between the two
+    modes falls below it.
+    """
+
+    layer: Thresholds = field(default_factory=Thresholds)
+    output_rel_l2: float = OUTPUT_REL_L2
+    top1_agreement: float = TOP1_AGREEMENT
+
+    def __post_init__(self) -> None:
+        if not (self.output_rel_l2 > 0 and math.isfinite(self.output_rel_l2)):
+            raise ValueError(f"output-rel-l2 must be a positive number, got {self.output_rel_l2}")
+        if not 0 <= self.top1_agreement <= 1:
+            raise ValueError(f"top1-agreement must be in [0, 1], got {self.top1_agreement}")
+
+    @classmethod
+    def from_mapping(
+        cls, values: Mapping[str, Any] | None, *, source: str = "thresholds"
+    ) -> CheckThresholds:
+        """Build from a ``{key: number}`` table (``THRESHOLD_KEYS``); missing keys keep defaults.
+
+        Raises InputError naming ``source`` and the key for an unknown key, a non-number or an
+        out-of-range value.
+        """
+        got: dict[str, float] = {}
+        for raw, value in (values or {}).items():
+            key = str(raw).replace("_", "-")
+            if key not in THRESHOLD_KEYS:
+                raise InputError(
+                    f"{source}: unknown threshold {raw!r} (known: {', '.join(THRESHOLD_KEYS)})"
+                )
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise InputError(f"{source}: threshold {raw!r} must be a number, not {value!r}")
+            got[key] = float(value)
+        default = cls()
+        try:
+            return cls(
+                layer=Thresholds(
+                    kl=got.get("kl", default.layer.kl),
+                    max_share=got.get("max-share", default.layer.max_share),
+                ),
+                output_rel_l2=got.get("output-rel-l2", default.output_rel_l2),
+                top1_agreement=got.get("top1-agreement", default.top1_agreement),
+            )
+        except ValueError as exc:
+            raise InputError(f"{source}: {exc}") from None
+
+    def to_dict(self) -> dict[str, float]:
+        return {
+            "kl": self.layer.kl,
+            "max_share": self.layer.max_share,
+            "output_rel_l2": self.output_rel_l2,
+            "top1_agreement": self.top1_agreement,
+        }
+
+
+@dataclass(frozen=True)
+class DataEvidence:
+    """What the data rules judge: measured layers in graph order and the output figures.
+
+    ``first`` is the first layer that is ``over`` (:func:`bncheck.mismatch.first_diverging`);
+    ``output_rel_l2`` / ``top1_agreement`` are None when not measured (no batch of ≥ 2 samples,
+    or no classifier-shaped output).
+    """
+
+    layers: tuple[LayerMismatch, ...]
+    thresholds: CheckThresholds
+    first: str | None
+    output_rel_l2: float | None
+    top1_agreement: float | None
+    synthetic: bool
+    samples: int
+
+
+@dataclass(frozen=True)
+class DataRule:
+    """A BN4xx rule; same attributes as :class:`bncheck.rules.Rule` so tables list both."""
+
+    code: str
+    name: str
+    severity: Severity
+    hint: str
+    check: Callable[[LayerMismatch | None, DataEvidence], str | None]
+    per_layer: bool
+
+    @property
+    def doc(self) -> str:
+        return _inspect.getdoc(self.check) or ""
+
+    @property
+    def summary(self) -> str:
+        return self.doc.splitlines()[0] if self.doc else self.name
+
+
+DATA_RULES: dict[str, DataRule] = {}
+
+
+def _rule(code: str, name: str, severity: Severity, hint: str, *, per_layer: bool):
+    def register(fn: Callable) -> Callable:
+        DATA_RULES[code] = DataRule(code, name, severity, hint, fn, per_layer)
+        return fn
+
+    return register
+
+
+def _layer_figures(layer: LayerMismatch, th: Thresholds) -> str:
+    over = round(layer.share_over * layer.channels)
+    return (
+        f"{over} of {layer.channels} channels over KL {th.kl:g} (score {layer.score:.3g} nats; "
+        f"median |mean shift| {layer.median_abs_mean_shift:.3g} running std, max "
+        f"{layer.max_abs_mean_shift:.3g}; median |log var ratio| "
+        f"{layer.median_abs_log_var_ratio:.3g}; worst channel {layer.worst_channel})"
+    )
+
+
+@_rule(
+    "BN401",
+    "first-diverging-layer",
+    Severity.ERROR,
+    "recalibrate on data like this (`bncheck recalibrate MODEL --data D -o OUT`), or check the "
+    "data's preprocessing (scale, mean/std, channel order) against training",
+    per_layer=True,
+)
+def first_diverging_layer(layer: LayerMismatch | None, ev: DataEvidence) -> str | None:
+    """First BN layer whose input statistics on the data diverge from its running statistics.
+
+    Per channel, the data's mean and variance at the layer's input (model in inference mode)
+    are compared with the stored running statistics by the Gaussian KL divergence; the layer
+    diverges when more than ``max-share`` of its channels exceed ``kl`` nats (both set in
+    ``[tool.bncheck.thresholds]``). Only the first such layer in graph order is reported as an
+    error: every later layer sees its shifted output, so their mismatch is largely inherited.
+    At the stem this usually means the data is preprocessed differently from training; deeper
+    in, that the running statistics were estimated on other data, or were damaged.
+    """
+    if layer is None or not layer.over or layer.name != ev.first:
+        return None
+    return (
+        f"first diverging layer: {_layer_figures(layer, ev.thresholds.layer)}; later layers "
+        "inherit its shift"
+    )
+
+
+@_rule(
+    "BN402",
+    "output-divergence",
+    Severity.WARNING,
+    "recalibrate on representative data; if it persists, the model is sensitive to BN "
+    "statistics here (check the first diverging layer)",
+    per_layer=False,
+)
+def output_divergence(layer: LayerMismatch | None, ev: DataEvidence) -> str | None:
+    """Inference-mode outputs are far from the outputs with the data's own BN statistics.
+
+    Every batch runs twice: in inference mode (BN uses running statistics) and with every BN
+    normalizing by the batch's own statistics. The figure is the relative L2 distance
+    ``‖y_inference − y_batch‖₂ / ‖y_inference‖₂`` over all outputs and samples, plus the top-1
+    agreement for classifier outputs. Batch statistics carry sampling noise, so small batches
+    raise the distance even on data the model was calibrated on; the thresholds
+    (``output-rel-l2``, ``top1-agreement``) are set well above that noise.
+    """
+    th = ev.thresholds
+    parts = []
+    rel = ev.output_rel_l2
+    if rel is not None and math.isnan(rel):
+        parts.append("relative L2 is NaN: the outputs hold NaN")
+    elif rel is not None and rel > th.output_rel_l2:
+        parts.append(f"relative L2 {rel:.3g} > {th.output_rel_l2:g}")
+    if ev.top1_agreement is not None and ev.top1_agreement < th.top1_agreement:
+        parts.append(f"top-1 agreement {ev.top1_agreement:.1%} < {th.top1_agreement:.0%}")
+    if not parts:
+        return None
+    return (
+        "outputs with running statistics differ from those with the data's batch statistics: "
+        + "; ".join(parts)
+        + f" over {ev.samples} samples"
+    )
+
+
+@_rule(
+    "BN403",
+    "synthetic-data",
+    Severity.INFO,
+    "pass real data with --data (a few hundred samples of what the model sees in production)",
+    per_layer=False,
+)
+def synthetic_data(layer: LayerMismatch | None, ev: DataEvidence) -> str | None:
+    """The check ran on synthetic N(0, 1) input: its figures say little about real data.
+
+    Random noise is nothing like images, audio or features after real preprocessing, so large
+    mismatches are expected and small ones prove nothing. Useful only to exercise the pipeline.
+    """
+    if not ev.synthetic:
+        return None
+    return "synthetic N(0, 1) input: mismatch figures do not describe real data"
+
+
+@_rule(
+    "BN404",
+    "downstream-divergence",
+    Severity.WARNING,
+    "fix the first diverging layer (BN401) and run check again; what remains is independent",
+    per_layer=True,
+)
+def downstream_divergence(layer: LayerMismatch | None, ev: DataEvidence) -> str | None:
+    """A BN layer after the first diverging one whose input statistics diverge too.
+
+    Its input comes (directly or not) from the first diverging layer's shifted output, so its
+    mismatch is most likely inherited and disappears once that layer is fixed. A warning, not
+    an error, so one cause is not counted many times.
+    """
+    if layer is None or not layer.over or ev.first is None or layer.name == ev.first:
+        return None
+    return (
+        f"diverges downstream of {ev.first} (likely inherited): "
+        f"{_layer_figures(layer, ev.thresholds.layer)}"
+    )
+
+
+def run_data_rules(
+    evidence: DataEvidence,
+    *,
+    select: Sequence[str] | None = None,
+    ignore: Sequence[str] | None = None,
+) -> list[Finding]:
+    """Apply every selected BN4xx rule: model rules first (by code), then layers in graph order."""
+    findings: list[Finding] = []
+    for code, rule in sorted(DATA_RULES.items()):
+        if rule.per_layer or not is_selected(code, select, ignore):
+            continue
+        msg = rule.check(None, evidence)
+        if msg:
+            findings.append(Finding(code, rule.severity, None, msg, rule.hint))
+    for layer in evidence.layers:
+        for code, rule in sorted(DATA_RULES.items()):
+            if not rule.per_layer or not is_selected(code, select, ignore):
+                continue
+            msg = rule.check(layer, evidence)
+            if msg:
+                findings.append(Finding(code, rule.severity, layer.name, msg, rule.hint))
+    return findings
