@@ -78,7 +78,7 @@ def bench_model(name: str, factory, batch: int, threads: int, rounds: int, tmp: 
     torch.manual_seed(0)
     with_bn = models.randomize_bn(factory(norm=True))
     floor = factory(norm=False).eval()
-    example = torch.randn(1, 3, 224, 224)
+    example = torch.randn(2, 3, 224, 224)  # batch 2: a dynamic batch must not specialize to 1
     x = torch.randn(batch, 3, 224, 224)
     xn = x.numpy()
 
@@ -94,7 +94,9 @@ def bench_model(name: str, factory, batch: int, threads: int, rounds: int, tmp: 
     fold_onnx = bncheck.fold(src_onnx, tmp / f"{name}_folded.onnx", verify=False).output
     folded_module = bncheck.open_model(fold_pt2).module
 
-    fx_fused = torch.fx.experimental.optimization.fuse(with_bn)
+    from torch.fx.experimental.optimization import fuse
+
+    fx_fused = fuse(with_bn)
     floor_run = torch_runner(floor, x)
     rows = []
     for label, runner in (
@@ -117,7 +119,7 @@ def bench_model(name: str, factory, batch: int, threads: int, rounds: int, tmp: 
 def fold_time(tmp: Path) -> tuple[float, float, int]:
     model = models.randomize_bn(models.resnet50(norm=True))
     path = tmp / "resnet50.pt2"
-    export_pt2(model, torch.randn(1, 3, 224, 224), path)
+    export_pt2(model, torch.randn(2, 3, 224, 224), path)
     t0 = time.perf_counter()
     handle = bncheck.open_model(path)
     handle.info()
