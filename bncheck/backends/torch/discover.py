@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -729,7 +729,10 @@ def build_info(
     if fmt == "pt2":
         calls = find_bn_calls(view)
         for name, cs in calls.items():
-            layers.append(_graph_layer(view, name, op_stats(view, name, cs[0]), cs))
+            layer = _graph_layer(view, name, op_stats(view, name, cs[0]), cs)
+            if layer.training:  # the graph itself normalizes with batch statistics
+                layer = replace(layer, fold=FoldDecision(None, reason="BN is in training mode"))
+            layers.append(layer)
         frozen = pt2_frozen_paths(view, set(calls))
         for name, cs in module_calls(view, frozen).items():
             mean, var, weight, bias = (
