@@ -2,15 +2,27 @@
 
 __version__ = "0.1.0"
 
-from bncheck.api import CheckResult, FoldResult, InspectResult, check, fold, inspect, open_model
+from bncheck.api import (
+    CheckResult,
+    FoldResult,
+    InspectResult,
+    RecalibrateResult,
+    check,
+    fold,
+    inspect,
+    open_model,
+    recalibrate,
+)
 
 __all__ = [
     "CheckResult",
     "FoldResult",
     "InspectResult",
+    "RecalibrateResult",
     "__version__",
     "check",
     "fold",
     "inspect",
     "open_model",
+    "recalibrate",
 ]

@@ -12,6 +12,7 @@ from bncheck.api._check import CheckResult, LayerCheck, OutputDivergence, check
 from bncheck.api._common import open_model
 from bncheck.api._fold import FoldResult, Verification, fold, verify_same_function
 from bncheck.api._inspect import InspectResult, inspect
+from bncheck.api._recalibrate import RecalibrateResult, recalibrate
 
 __all__ = [
     "CheckResult",
@@ -19,10 +20,12 @@ __all__ = [
     "InspectResult",
     "LayerCheck",
     "OutputDivergence",
+    "RecalibrateResult",
     "Verification",
     "check",
     "fold",
     "inspect",
     "open_model",
+    "recalibrate",
     "verify_same_function",
 ]

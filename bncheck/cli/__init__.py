@@ -10,6 +10,8 @@ import json
 import os
 import sys
 import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -184,6 +186,33 @@ def emit(text: str) -> None:
     sys.stdout.write(text if text.endswith("\n") else text + "\n")
 
 
+@contextmanager
+def progress_bar(
+    enabled: bool, label: str = "batches"
+) -> Iterator[Callable[[int, int | None], None] | None]:
+    """A rich progress bar on stderr, or None (off a TTY, in json/github/markdown, with -q)."""
+    if not enabled:
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    ) as bar:
+        task = bar.add_task(label, total=None)
+
+        def update(done: int, total: int | None) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update
+
+
 # ---- commands -----------------------------------------------------------------------------
 
 
@@ -204,7 +233,7 @@ def _root(
 
 
 # Each command lives in its own module and registers itself on `app` when imported.
-from bncheck.cli import _check, _fold, _inspect  # noqa: E402, F401
+from bncheck.cli import _check, _fold, _inspect, _recalibrate  # noqa: E402, F401
 
 # ---- entry point --------------------------------------------------------------------------
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -26,32 +24,8 @@ from bncheck.cli import (
     console,
     emit,
     exit_code_for,
+    progress_bar,
 )
-
-
-@contextmanager
-def _progress_bar(enabled: bool) -> Iterator[Callable[[int, int | None], None] | None]:
-    """A rich progress bar on stderr, or None (off a TTY, in json/github/markdown, with -q)."""
-    if not enabled:
-        yield None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
-    with Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        transient=True,
-    ) as bar:
-        task = bar.add_task("batches", total=None)
-
-        def update(done: int, total: int | None) -> None:
-            bar.update(task, completed=done, total=total)
-
-        yield update
 
 
 @app.command()
@@ -113,7 +87,7 @@ def check(
     open_options = dict(opts.open_options)
     input_shapes = open_options.pop("input_shapes", None)
     show_bar = opts.format == "text" and not opts.quiet and sys.stderr.isatty()
-    with _progress_bar(show_bar) as progress:
+    with progress_bar(show_bar, "checking") as progress:
         result = run_check(
             model,
             data=data,

@@ -1,0 +1,117 @@
+"""Render a ``RecalibrateResult`` (schema ``bncheck.recalibrate/1``)."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from bncheck.api._recalibrate import RecalibrateResult
+from bncheck.report import dump_json, md_escape
+
+SCHEMA = "bncheck.recalibrate/1"
+
+
+def _score(m) -> str:
+    return "—" if m is None else f"{m.score:.3g}"
+
+
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{x:.1%}"
+
+
+def summary_line(r: RecalibrateResult) -> str:
+    acc = ""
+    if r.accuracy_before is not None:
+        acc = f"; accuracy {_pct(r.accuracy_before)} → {_pct(r.accuracy_after)}"
+    wrote = f" · wrote {r.output}" if r.output else ""
+    return (
+        f"{r.info.path}: recalibrated {len(r.layers)} BN layers ({r.mode}) on {r.samples} "
+        f"samples in {r.batches} batches of {r.batch_size}{acc}{wrote}"
+    )
+
+
+def to_json(r: RecalibrateResult) -> str:
+    def mm(m):
+        if m is None:
+            return None
+        return {
+            "score": m.score,
+            "over": m.over,
+            "mean_shift_max": m.mean_shift_max,
+            "log_var_ratio_max": m.log_var_ratio_max,
+            "kl_median": m.kl_median,
+            "kl_max": m.kl_max,
+        }
+
+    payload = {
+        "model": {"path": r.info.path, "format": r.info.format},
+        "output": None if r.output is None else str(r.output),
+        "data": r.data,
+        "mode": r.mode,
+        "samples": r.samples,
+        "batches": r.batches,
+        "batch_size": r.batch_size,
+        "world_size": r.world_size,
+        "accuracy_before": r.accuracy_before,
+        "accuracy_after": r.accuracy_after,
+        "layers": [
+            {
+                "name": x.name,
+                "before": mm(x.before),
+                "after": mm(x.after),
+                "mean_change_last_half": x.mean_change,
+                "var_change_last_half": x.var_change,
+                "converged": x.converged,
+            }
+            for x in r.layers
+        ],
+        "warnings": r.warnings,
+        "notes": r.notes,
+    }
+    return dump_json(SCHEMA, payload)
+
+
+def render_text(r: RecalibrateResult, console: Console) -> None:
+    table = Table(
+        title=f"recalibrate {r.info.path}  [dim]({r.data})",
+        title_justify="left",
+        header_style="bold",
+    )
+    table.add_column("BN layer", overflow="fold")
+    table.add_column("mismatch before", justify="right")
+    table.add_column("after", justify="right")
+    table.add_column("last-half change (mean σ / var)", justify="right")
+    origin = {x.name: x.origin for x in r.info.bn_layers}
+    for x in r.layers:
+        change = (
+            "—"
+            if x.mean_change is None
+            else f"{x.mean_change:.3f} / {x.var_change:.3f}" + ("" if x.converged else " ⚠")
+        )
+        table.add_row(origin.get(x.name) or x.name, _score(x.before), _score(x.after), change)
+    console.print(table)
+    console.print(
+        "[dim]mismatch = KL of a high-percentile channel between the layer's input "
+        "statistics and the statistics it normalizes with (bncheck.mismatch)[/]"
+    )
+    for w in r.warnings:
+        console.print(f"[yellow]warning:[/] {w}")
+    for n in r.notes:
+        console.print(f"[dim]note: {n}[/]")
+    console.print(summary_line(r), style="bold")
+
+
+def render_markdown(r: RecalibrateResult) -> str:
+    lines = [f"### bncheck recalibrate: `{r.info.path}`", ""]
+    lines += ["| BN layer | mismatch before | after | converged |", "|---|---:|---:|---|"]
+    for x in r.layers:
+        lines.append(
+            f"| `{md_escape(x.name)}` | {_score(x.before)} | {_score(x.after)} | {x.converged} |"
+        )
+    lines += ["", f"**{md_escape(summary_line(r))}**", ""]
+    return "\n".join(lines)
+
+
+def render_github(r: RecalibrateResult) -> str:
+    lines = [f"::warning file={r.info.path},title=bncheck recalibrate::{w}" for w in r.warnings]
+    return "\n".join([*lines, summary_line(r)])
