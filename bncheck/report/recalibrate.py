@@ -37,10 +37,11 @@ def to_json(r: RecalibrateResult) -> str:
         return {
             "score": m.score,
             "over": m.over,
-            "mean_shift_max": m.mean_shift_max,
-            "log_var_ratio_max": m.log_var_ratio_max,
-            "kl_median": m.kl_median,
-            "kl_max": m.kl_max,
+            "max_abs_mean_shift": m.max_abs_mean_shift,
+            "max_abs_log_var_ratio": m.max_abs_log_var_ratio,
+            "median_kl": m.median_kl,
+            "max_kl": m.max_kl,
+            "share_over": m.share_over,
         }
 
     payload = {
