@@ -350,7 +350,9 @@ def test_peak_rss_bytes_units() -> None:
     rss = int(re.search(r"VmRSS:\s+(\d+) kB", text).group(1)) * 1024
     hwm = int(re.search(r"VmHWM:\s+(\d+) kB", text).group(1)) * 1024
     assert peak is not None
-    assert rss <= peak  # the peak is at least what we hold now, in bytes not KiB
+    # The peak is at least what we hold now, in bytes not KiB; the kernel refreshes ru_maxrss
+    # lazily, so RSS read a moment later may sit a few pages above it (1% slack).
+    assert rss <= peak * 1.01
     assert peak == pytest.approx(hwm, rel=0.1)  # the kernel's own high-water mark
 
 
