@@ -26,7 +26,7 @@ from bncheck.report import (
 )
 
 SCHEMA = "bncheck.check/1"
-BAR_WIDTH = 30
+BAR_WIDTH = 20
 _EIGHTHS = " ▏▎▍▌▋▊▉"
 
 
@@ -178,10 +178,8 @@ def render_text(result: CheckResult, console: Console, *, verbose: bool = False)
     table.add_column("#", justify="right")
     table.add_column("BN layer", overflow="fold")
     table.add_column("ch", justify="right")
-    table.add_column("|shift| med", justify="right")
     table.add_column("|shift| max", justify="right")
     table.add_column("|ln var| med", justify="right")
-    table.add_column("KL med", justify="right")
     table.add_column("over", justify="right")
     table.add_column("score", justify="right")
     table.add_column("mismatch", no_wrap=True)
@@ -190,9 +188,9 @@ def render_text(result: CheckResult, console: Console, *, verbose: bool = False)
         if m is None:
             table.add_row(
                 str(lc.index),
-                lc.name,
+                lc.layer.origin or lc.name,
                 str(lc.layer.channels),
-                *(["—"] * 6),
+                *(["—"] * 4),
                 Text(lc.skipped or "not measured", style="dim"),
             )
             continue
@@ -202,12 +200,11 @@ def render_text(result: CheckResult, console: Console, *, verbose: bool = False)
             cell.append(" ◀ first", style="bold red")
         table.add_row(
             str(lc.index),
-            Text(lc.name, style="bold red" if m.over else ""),
+            # ONNX node names from torch's exporter are long; the module path reads better.
+            Text(lc.layer.origin or lc.name, style="bold red" if m.over else ""),
             str(m.channels),
-            _g(m.median_abs_mean_shift),
             _g(m.max_abs_mean_shift),
             _g(m.median_abs_log_var_ratio),
-            _g(m.median_kl),
             f"{m.share_over:.0%}",
             _g(m.score),
             cell,
