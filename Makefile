@@ -26,6 +26,9 @@ demo: $(STAMP)
 	$(VENV)/bin/bncheck inspect sample_models/patterns.pt2
 	$(VENV)/bin/bncheck inspect sample_models/broken.pt --arch bncheck.samples:broken_model --fail-on never
 	$(VENV)/bin/bncheck fold sample_models/patterns.onnx -o out/patterns_folded.onnx
+	$(VENV)/bin/bncheck check sample_models/resnet.onnx --data sample_models/resnet_calib.npy
+	$(VENV)/bin/bncheck recalibrate sample_models/resnet.pt2 --data sample_models/resnet_calib.npy \
+		--labels sample_models/resnet_labels.npy -o out/resnet_recalibrated.pt2
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
