@@ -83,9 +83,10 @@ def render_text(result: FoldResult, console: Console) -> None:
     table.add_column("BN layer", overflow="fold")
     table.add_column("action")
     table.add_column("why kept", overflow="fold")
+    origin = {x.name: x.origin for x in result.source.bn_layers}
     for s in result.steps:
         style = "green" if s.into else "yellow"
-        table.add_row(s.layer, Text(_action(s), style=style), s.reason or "")
+        table.add_row(origin.get(s.layer) or s.layer, Text(_action(s), style=style), s.reason or "")
     console.print(table)
     b, a = _sizes(result.source), _sizes(result.folded)
     console.print(
