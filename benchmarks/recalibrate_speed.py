@@ -8,7 +8,8 @@ Over the same 20 batches it times, for a ResNet-18 at 112×112, batch 32:
   merged), and ``update_bn`` (which runs the model in train mode with a cumulative average);
 - onnxruntime: plain inference of the same model, and bncheck's pass.
 
-Target: bncheck's pass ≤ 1.15× plain inference. Each figure is the median of ``--repeat`` runs.
+Target: bncheck's pass ≤ 1.15× plain inference.
+Each figure is the median of ``--repeat`` round-robin runs.
 
     python benchmarks/recalibrate_speed.py [--threads 2] [--batches 20] [--repeat 3]
 """
@@ -107,13 +108,19 @@ def main() -> None:
             for x in batches:
                 sess.run(None, {"input": x})
 
-        rows = [
-            ("torch: plain inference", timed(torch_plain, args.repeat)),
-            ("torch: bncheck recalibration pass", timed(run_pass(th, "x"), args.repeat)),
-            ("torch: swa_utils.update_bn", timed(swa_update_bn, args.repeat)),
-            ("onnxruntime: plain inference (ORT_DISABLE_ALL)", timed(ort_plain, args.repeat)),
-            ("onnxruntime: bncheck recalibration pass", timed(run_pass(oh, "input"), args.repeat)),
+        passes = [
+            ("torch: plain inference", torch_plain),
+            ("torch: bncheck recalibration pass", run_pass(th, "x")),
+            ("torch: swa_utils.update_bn", swa_update_bn),
+            ("onnxruntime: plain inference (ORT_DISABLE_ALL)", ort_plain),
+            ("onnxruntime: bncheck recalibration pass", run_pass(oh, "input")),
         ]
+        # Round-robin repeats, so slow drift of the machine hits every pass alike.
+        times: dict[str, list[float]] = {label: [] for label, _ in passes}
+        for _ in range(args.repeat):
+            for label, fn in passes:
+                times[label].append(timed(fn, 1))
+        rows = [(label, statistics.median(ts)) for label, ts in times.items()]
     print("| pass | seconds | × plain inference |")
     print("|---|---:|---:|")
     for label, secs in rows:

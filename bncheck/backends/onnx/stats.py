@@ -1,28 +1,40 @@
 """Statistics glue for ONNX models: BN input moments per batch, and new running statistics.
 
 ``moment_runner`` runs a *copy* of the graph in which every BatchNormalization input is also a
-graph output, so its per-channel moments come out of onnxruntime with the model's own outputs.
-With ``batch_stats`` every BN of the copy gets ``training_mode=1`` (opset ≥ 14): it normalizes
-with the statistics of the current batch, as in training, while nothing else changes and the
-running statistics it would output are discarded. The moments themselves are
-``bncheck.numerics.Moments`` in float64. Never imports torch.
+graph output, so the layer's input comes out of onnxruntime with the model's own outputs and
+its per-channel moments are computed in numpy (``bncheck.numerics.Moments``, float64).
+
+With ``batch_stats`` every BatchNormalization of the copy is replaced by explicit ops that
+normalize with the statistics of the current batch, as in training (``x`` of shape
+``N×C×…`` viewed as ``N×C×L``)::
+
+    μ = ReduceMean(x, axes=[0, 2])          σ² = ReduceMean((x − μ)², axes=[0, 2])   (biased)
+    y = (x − μ) · (γ / √(σ² + ε)) + β
+
+— PyTorch's training-mode ``F.batch_norm`` — while every other node runs as written (Dropout in
+inference mode). This does not rely on ``training_mode=1``, which onnxruntime's inference
+builds and older opsets do not all support; the running statistics are never touched. float16 /
+bfloat16 inputs are normalized in float32 and cast back (onnxruntime's CPU ReduceMean has no
+half kernels). Never imports torch.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
-from bncheck.backends.onnx.graph import node_label, opset_version
+from bncheck.backends.onnx.graph import attr, node_label, opset_version
 from bncheck.errors import InputError
 from bncheck.numerics import Moments
 
 MomentRunner = Callable[[Mapping[str, np.ndarray]], tuple[list[np.ndarray], dict[str, Moments]]]
+
+_TAP = "__bncheck_tap"
 
 
 def _bn_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
@@ -33,29 +45,166 @@ def _bn_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     ]
 
 
+def _names(model: onnx.ModelProto) -> Iterator[str]:
+    g = model.graph
+    yield from (t.name for t in g.initializer)
+    yield from (v.name for v in [*g.input, *g.output, *g.value_info])
+    for n in g.node:
+        yield n.name
+        yield from n.output
+
+
+class _Fresh:
+    """Names that collide with nothing in the graph."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.taken = set(_names(model))
+
+    def __call__(self, base: str) -> str:
+        name, i = base, 0
+        while name in self.taken:
+            i += 1
+            name = f"{base}_{i}"
+        self.taken.add(name)
+        return name
+
+
+def _elem_type(model: onnx.ModelProto, name: str) -> int | None:
+    """The ONNX element type of tensor ``name`` where the graph states it (else None)."""
+    g = model.graph
+    for t in g.initializer:
+        if t.name == name:
+            return int(t.data_type)
+    for vi in [*g.input, *g.value_info, *g.output]:
+        if vi.name == name and vi.type.HasField("tensor_type"):
+            return int(vi.type.tensor_type.elem_type) or None
+    for n in g.node:
+        if n.op_type == "Constant" and n.output and n.output[0] == name:
+            value = attr(n, "value")
+            if isinstance(value, TensorProto):
+                return int(value.data_type)
+    return None
+
+
+def _const(fresh: _Fresh, base: str, value: np.ndarray) -> tuple[onnx.NodeProto, str]:
+    out = fresh(base)
+    return helper.make_node(
+        "Constant", [], [out], name=fresh(base + "_node"), value=numpy_helper.from_array(value)
+    ), out
+
+
+def _batch_stats_nodes(
+    model: onnx.ModelProto, node: onnx.NodeProto, fresh: _Fresh, source: str
+) -> list[onnx.NodeProto]:
+    """Nodes computing ``node``'s output with batch statistics (formula in the module doc)."""
+    opset = opset_version(model) or 1
+    label = node_label(node)
+    if attr(node, "spatial", 1) == 0:
+        raise InputError(
+            f"{source}: BN '{label}' has spatial=0 (per-element statistics); not supported"
+        )
+    x, scale, bias = node.input[0], node.input[1], node.input[2]
+    y = node.output[0]
+    eps = float(attr(node, "epsilon", 1e-5))
+    # opset < 15: X, scale and B share one type; from 15 on they may differ (T, T1).
+    x_type = _elem_type(model, x) or _elem_type(model, scale) or TensorProto.FLOAT
+    work = x_type if x_type in (TensorProto.FLOAT, TensorProto.DOUBLE) else TensorProto.FLOAT
+    np_work = helper.tensor_dtype_to_np_dtype(work)
+    p = f"{label}{_TAP}"
+    nodes: list[onnx.NodeProto] = []
+
+    def add(op: str, inputs: list[str], **attrs: Any) -> str:
+        out = fresh(f"{p}_{op.lower()}")
+        nodes.append(helper.make_node(op, inputs, [out], name=fresh(out + "_node"), **attrs))
+        return out
+
+    def const(base: str, value: np.ndarray) -> str:
+        n, out = _const(fresh, f"{p}_{base}", value)
+        nodes.append(n)
+        return out
+
+    def as_work(name: str) -> str:
+        t = _elem_type(model, name) or x_type
+        return name if t == work else add("Cast", [name], to=work)
+
+    def mean_02(t: str) -> str:
+        if opset >= 18:
+            return add("ReduceMean", [t, const("axes", np.array([0, 2], np.int64))], keepdims=1)
+        return add("ReduceMean", [t], axes=[0, 2], keepdims=1)
+
+    shape = add("Shape", [x])
+    x3 = add("Reshape", [as_work(x), const("ncl", np.array([0, 0, -1], np.int64))])
+    mu = mean_02(x3)  # 1×C×1
+    d = add("Sub", [x3, mu])
+    var = mean_02(add("Mul", [d, d]))
+    std = add("Sqrt", [add("Add", [var, const("eps", np.array(eps, np_work))])])
+    col = const("col", np.array([-1, 1], np.int64))
+    k = add("Div", [add("Reshape", [as_work(scale), col]), std])  # γ/√(σ²+ε), 1×C×1
+    y3 = add("Add", [add("Mul", [d, k]), add("Reshape", [as_work(bias), col])])
+    if work == x_type:
+        nodes.append(helper.make_node("Reshape", [y3, shape], [y], name=fresh(f"{p}_out")))
+    else:
+        nodes.append(
+            helper.make_node("Cast", [add("Reshape", [y3, shape])], [y], name=fresh(f"{p}_out"),
+                             to=x_type)  # fmt: skip
+        )
+    return nodes
+
+
+def batch_stats_model(model: onnx.ModelProto, source: str = "model") -> onnx.ModelProto:
+    """A copy of ``model`` whose BatchNormalization nodes normalize with batch statistics."""
+    out = copy.deepcopy(model)
+    g = out.graph
+    fresh = _Fresh(out)
+    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    nodes: list[onnx.NodeProto] = []
+    for node in g.node:
+        if not (node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx")):
+            nodes.append(node)
+            continue
+        if any(o and o in used for o in node.output[1:]):
+            raise InputError(
+                f"{source}: BN '{node_label(node)}' is exported in training mode and its "
+                "running-statistics outputs are used; export the model in eval mode"
+            )
+        nodes.extend(_batch_stats_nodes(out, node, fresh, source))
+    del g.node[:]
+    g.node.extend(nodes)
+    return out
+
+
 def moment_runner(handle: Any, *, batch_stats: bool) -> MomentRunner:
-    """One batch in → (model outputs, {BN layer name: Moments of its input})."""
+    """One batch in → (model outputs, {BN layer name: Moments of its input}).
+
+    Per layer, ``Moments.from_batch(x, channel_axis=1)`` of its input ``x`` (float64), merged
+    over every BN node of that name.
+    """
     from bncheck.backends.onnx.run import make_session
 
-    model = copy.deepcopy(handle.model)
-    bns = _bn_nodes(model)
-    if batch_stats and bns and (opset_version(model) or 0) < 14:
-        raise InputError(
-            f"{handle.path}: batch statistics need opset 14 or newer (training_mode); "
-            "convert the model with onnx.version_converter first"
-        )
-    n_outputs = len(model.graph.output)
+    source = str(handle.path)
+    model = batch_stats_model(handle.model, source) if batch_stats else copy.deepcopy(handle.model)
+    g = model.graph
+    n_outputs = len(g.output)
+    produced = {o for n in g.node for o in n.output if o}
+    fresh = _Fresh(model)
     watched: dict[str, list[str]] = {}  # tensor → BN layer names reading it
-    for node in bns:
+    for node in _bn_nodes(handle.model):
         watched.setdefault(node.input[0], []).append(node_label(node))
-        if batch_stats:
-            _set_training(node)
-    existing = {o.name for o in model.graph.output}
-    taps = [t for t in watched if t not in existing]
-    for t in taps:
-        model.graph.output.append(helper.make_empty_tensor_value_info(t))
-    session = make_session(model, source=str(handle.path))
-    out_names = [o.name for o in model.graph.output]
+    existing = {o.name for o in g.output}
+    fetch: dict[str, str] = {}  # tensor → graph output carrying it
+    for t in watched:
+        if t in existing:
+            fetch[t] = t
+        elif t in produced:
+            g.output.append(helper.make_empty_tensor_value_info(t))
+            fetch[t] = t
+        else:  # a graph input or initializer: outputs must be produced by a node
+            tap = fresh(f"{t}{_TAP}")
+            g.node.append(helper.make_node("Identity", [t], [tap], name=fresh(tap + "_node")))
+            g.output.append(helper.make_empty_tensor_value_info(tap))
+            fetch[t] = tap
+    session = make_session(model, source=source)
+    out_names = [o.name for o in g.output]
     index = {name: i for i, name in enumerate(out_names)}
 
     def run(feeds: Mapping[str, np.ndarray]) -> tuple[list[np.ndarray], dict[str, Moments]]:
@@ -64,25 +213,15 @@ def moment_runner(handle: Any, *, batch_stats: bool) -> MomentRunner:
         except Exception as exc:
             from bncheck.backends.onnx.run import ort_message
 
-            raise InputError(f"{handle.path}: onnxruntime run failed: {ort_message(exc)}") from None
+            raise InputError(f"{source}: onnxruntime run failed: {ort_message(exc)}") from None
         moments: dict[str, Moments] = {}
         for tensor, layers in watched.items():
-            m = Moments.from_batch(values[index[tensor]], channel_axis=1)
-            for layer in layers:  # a BN node reading the same tensor twice still counts once
+            m = Moments.from_batch(values[index[fetch[tensor]]], channel_axis=1)
+            for layer in layers:
                 moments[layer] = moments[layer] + m if layer in moments else m
         return list(values[:n_outputs]), moments
 
     return run
-
-
-def _set_training(node: onnx.NodeProto) -> None:
-    """``training_mode=1`` with the running-statistics outputs the spec then requires."""
-    kept = [a for a in node.attribute if a.name != "training_mode"]
-    del node.attribute[:]
-    node.attribute.extend([*kept, helper.make_attribute("training_mode", 1)])
-    y = node.output[0]
-    del node.output[1:]
-    node.output.extend([f"{y}__bncheck_running_mean", f"{y}__bncheck_running_var"])
 
 
 def with_stats(
@@ -92,18 +231,17 @@ def with_stats(
     num_batches: int | None = None,
 ) -> Any:
     """A new handle whose BN ``mean``/``var`` initializers hold ``stats`` (name → (mean, var)),
-    cast to the stored dtype; every other tensor is left as it was. An initializer that another
-    node also reads is copied under a new name instead of being changed."""
+    cast to the stored dtype; every other tensor is left as it was. An initializer that anything
+    else also reads (another node, a subgraph, a graph output) is copied under a new name
+    instead of being changed. ``num_batches`` is accepted for symmetry: ONNX stores no count.
+    """
     from bncheck.backends.onnx import OnnxHandle
 
+    index = handle.index  # consumers include reads from subgraphs
     model = copy.deepcopy(handle.model)
     g = model.graph
     inits = {t.name: t for t in g.initializer}
-    readers: dict[str, int] = {}
-    for n in g.node:
-        for i in n.input:
-            readers[i] = readers.get(i, 0) + 1
-    taken = set(inits) | {o for n in g.node for o in n.output}
+    fresh = _Fresh(model)
     found = set()
     for node in _bn_nodes(model):
         name = node_label(node)
@@ -116,13 +254,15 @@ def with_stats(
                 raise InputError(f"{handle.path}: BN '{name}' statistics are not stored tensors")
             dtype = numpy_helper.to_array(inits[old]).dtype
             arr = np.asarray(value, dtype=np.float64).astype(dtype)
-            if readers.get(old, 0) == 1:
+            if arr.shape != tuple(inits[old].dims):
+                raise InputError(
+                    f"{handle.path}: BN '{name}': {arr.shape} statistics for a "
+                    f"{tuple(inits[old].dims)} tensor"
+                )
+            if len(index.uses(old)) == 1 and not index.is_graph_output(old):
                 inits[old].CopyFrom(numpy_helper.from_array(arr, old))
             else:
-                new = f"{old}_{name}_recalibrated"
-                while new in taken:
-                    new += "_"
-                taken.add(new)
+                new = fresh(f"{old}_{name}_recalibrated")
                 g.initializer.append(numpy_helper.from_array(arr, new))
                 node.input[slot] = new
     missing = set(stats) - found
