@@ -8,24 +8,32 @@ The CLI calls exactly these functions; so can a user's own script or notebook::
         print(finding.code, finding.layer, finding.message)
 """
 
+from bncheck.api._bench import BenchResult, BenchRow, BenchSide, bench
 from bncheck.api._check import CheckResult, LayerCheck, OutputDivergence, check
 from bncheck.api._common import open_model
 from bncheck.api._fold import FoldResult, Verification, fold, verify_same_function
 from bncheck.api._inspect import InspectResult, inspect
+from bncheck.api._optimize import OptimizeResult, optimize
 from bncheck.api._recalibrate import RecalibrateResult, recalibrate
 
 __all__ = [
+    "BenchResult",
+    "BenchRow",
+    "BenchSide",
     "CheckResult",
     "FoldResult",
     "InspectResult",
     "LayerCheck",
+    "OptimizeResult",
     "OutputDivergence",
     "RecalibrateResult",
     "Verification",
+    "bench",
     "check",
     "fold",
     "inspect",
     "open_model",
+    "optimize",
     "recalibrate",
     "verify_same_function",
 ]

@@ -233,7 +233,14 @@ def _root(
 
 
 # Each command lives in its own module and registers itself on `app` when imported.
-from bncheck.cli import _check, _fold, _inspect, _recalibrate  # noqa: E402, F401
+from bncheck.cli import (  # noqa: E402, F401
+    _bench,
+    _check,
+    _fold,
+    _inspect,
+    _optimize,
+    _recalibrate,
+)
 
 # ---- entry point --------------------------------------------------------------------------
 

@@ -1,0 +1,506 @@
+"""``bench``: latency of a model, or of two models against each other, with honest statistics.
+
+Alone, a model is timed per batch size by ``bncheck.bench.measure`` (warm-up by count and until
+the median settles, then a time budget). With ``vs``, A and B run interleaved in alternating
+rounds (``bncheck.bench.compare``) so machine drift hits both alike, and the ratio
+``median(B) / median(A)`` comes with a paired-round bootstrap 95% CI. Every runner's ``sync``
+(``torch.cuda.synchronize`` on CUDA) is handed to the harness, so completed work is timed, not
+kernel launches.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bncheck.api._bench_stats import CONFIDENCE, RESAMPLES, hierarchical_bootstrap_ratio
+from bncheck.api._common import as_handle
+from bncheck.backends import ModelHandle
+from bncheck.bench import UNSTABLE_CV, Comparison, Samples, compare, fails_slower, measure
+from bncheck.bench import peak_rss_bytes as _peak_rss
+from bncheck.errors import InputError
+
+Progress = Callable[[int, "int | None"], None]
+
+DEFAULT_TIME_BUDGET_S = 1.0  # seconds of timed calls per engine and batch size
+DEFAULT_ROUNDS = 20  # interleaved A/B rounds
+DEFAULT_WARMUP = 10
+#: Independent instance pairs (fresh session / module copy per side) a comparison is spread
+#: over: where a model's weights land in memory moves its latency by a few percent (±1–6 %
+#: measured between two onnxruntime sessions of one small model), a difference the rounds of a
+#: single pair cannot see, so the interval must be taken across instances too.
+DEFAULT_REPLICATES = 5
+MAX_ITERS_PER_ROUND = 200  # beyond this the bootstrap costs more than the extra precision buys
+ENGINES = {"torch": "torch", "onnxruntime": "onnx"}  # engine name → framework it runs
+PROGRESS_UNITS = 1000  # progress units per table row
+
+
+@dataclass
+class BenchSide:
+    """One model as benchmarked."""
+
+    path: str
+    format: str
+    framework: str
+    engine: str
+    bn_layers: int
+    folds_bn_itself: bool
+
+
+@dataclass
+class BenchRow:
+    """One batch size: A's samples, and with ``vs`` B's and their comparison."""
+
+    batch_size: int
+    a: Samples
+    b: Samples | None = None
+    comparison: Comparison | None = None
+    memory_bytes: int | None = None
+    memory_kind: str = "peak RSS of the process"
+
+    @property
+    def unstable(self) -> bool:
+        """Too noisy to be a result: a side's robust CV exceeds ``bench.UNSTABLE_CV``."""
+        if self.comparison is not None:
+            return self.comparison.unstable
+        return self.a.robust_cv > UNSTABLE_CV
+
+    @property
+    def verdict(self) -> str | None:
+        """``unstable``, or the comparison's verdict (``B faster`` / ``B slower`` /
+        ``no significant difference``); None without ``vs``."""
+        if self.unstable:
+            return "unstable"
+        return None if self.comparison is None else self.comparison.verdict
+
+
+@dataclass
+class BenchResult:
+    """What ``bench`` measured: one row per batch size."""
+
+    a: BenchSide
+    b: BenchSide | None
+    device: str
+    threads: int | None
+    inputs: str
+    rows: list[BenchRow]
+    settings: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    fail_if_slower: float | None = None
+
+    @property
+    def unstable(self) -> bool:
+        return any(r.unstable for r in self.rows)
+
+    @property
+    def failed(self) -> bool:
+        """``--fail-if-slower PCT``: some row's ratio CI lies wholly above ``1 + PCT/100``
+        (``bench.fails_slower``); the interval already widens with noise, so an unstable row
+        can fail too, but noise alone never does."""
+        if self.fail_if_slower is None:
+            return False
+        return any(
+            r.comparison is not None and fails_slower(r.comparison, self.fail_if_slower)
+            for r in self.rows
+        )
+
+
+def latency_runner_for(
+    handle: ModelHandle,
+    feeds: Mapping[str, np.ndarray],
+    *,
+    device: str,
+    threads: int | None,
+    compile: bool,
+    optimize: bool,
+) -> Any:
+    """The backend's ``latency_runner`` for ``handle`` (see ``backends/<fw>/latency.py``)."""
+    if handle.framework == "onnx":
+        from bncheck.backends.onnx.latency import latency_runner
+    else:
+        from bncheck.backends.torch.latency import latency_runner
+    return latency_runner(
+        handle,
+        feeds,
+        device=device,
+        threads=threads,
+        compile=compile and handle.framework == "torch",
+        optimize=optimize,
+    )
+
+
+def _check_options(
+    device: str,
+    threads: int | None,
+    batch_sizes: Sequence[int],
+    time_budget_s: float,
+    rounds: int | None,
+    warmup: int,
+    replicates: int,
+    vs: object,
+    fail_if_slower: float | None,
+) -> None:
+    if device not in ("cpu", "cuda"):
+        raise InputError(f"--device {device!r}: choose cpu or cuda")
+    if threads is not None and threads < 1:
+        raise InputError(f"--threads {threads}: must be at least 1")
+    if not batch_sizes or any(int(b) < 1 for b in batch_sizes):
+        raise InputError("--batch-size: every batch size must be at least 1")
+    if not (time_budget_s > 0 and math.isfinite(time_budget_s)):
+        raise InputError(f"--time-budget {time_budget_s}: must be a positive number of seconds")
+    if rounds is not None and rounds < (2 if vs is not None else 1):
+        raise InputError(f"--rounds {rounds}: must be at least {2 if vs is not None else 1}")
+    if warmup < 0:
+        raise InputError(f"--warmup {warmup}: must be at least 0")
+    if replicates < 1:
+        raise InputError(f"--replicates {replicates}: must be at least 1")
+    if fail_if_slower is not None:
+        if vs is None:
+            raise InputError("--fail-if-slower needs --vs: there is nothing to compare with")
+        if not (fail_if_slower >= 0 and math.isfinite(fail_if_slower)):
+            raise InputError(f"--fail-if-slower {fail_if_slower}: must be a percentage ≥ 0")
+
+
+def check_device(handle: ModelHandle, device: str) -> None:
+    """Refuse ``device`` before any work when this machine cannot run ``handle`` on it."""
+    if device not in ("cpu", "cuda"):
+        raise InputError(f"--device {device!r}: choose cpu or cuda")
+    if device != "cuda":
+        return
+    if handle.framework == "onnx":
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise InputError(
+                "CUDA is not available on this machine (onnxruntime has no "
+                "CUDAExecutionProvider; install onnxruntime-gpu)"
+            )
+    else:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise InputError(
+                "CUDA is not available on this machine (torch.cuda.is_available() is False)"
+            )
+
+
+def _check_engine(handle: ModelHandle, engine: str | None) -> None:
+    if engine is None:
+        return
+    if engine not in ENGINES:
+        raise InputError(f"--engine {engine!r}: choose {' or '.join(ENGINES)}")
+    if ENGINES[engine] != handle.framework:
+        runs = "ONNX models" if engine == "onnxruntime" else "PyTorch models"
+        raise InputError(f"{handle.path}: engine {engine} runs {runs}; this is a {handle.format}")
+
+
+def _feeds(
+    handle: ModelHandle,
+    batch: int,
+    data: str | os.PathLike[str] | None,
+    input_shapes: Mapping[str, Sequence[int]] | None,
+    seed: int,
+) -> tuple[dict[str, np.ndarray], str]:
+    """Seeded N(0, 1) input of the model's shape with batch dim ``batch``, or the first
+    ``batch`` samples of ``data``; and its description."""
+    from bncheck.data import open_data
+
+    src = open_data(
+        data,
+        inputs=handle.info().inputs,
+        batch_size=batch,
+        max_samples=batch,
+        synthetic=data is None,
+        seed=seed,
+        input_shapes=input_shapes,
+    )
+    feeds = src.first_batch()
+    shapes = ", ".join(f"{k} {tuple(v.shape[1:])} {v.dtype}" for k, v in feeds.items())
+    if data is None:
+        return feeds, f"seeded N(0, 1) input (seed {seed}): {shapes}, batch dim = the batch size"
+    return feeds, f"first batch of {Path(data).name}: {shapes}"
+
+
+def _feeds_for(other: ModelHandle, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A's feeds for B: by name, or by position when both take one input."""
+    names = [s.name for s in other.info().inputs]
+    if set(names) <= set(feeds):
+        return {n: feeds[n] for n in names}
+    if len(names) == 1 and len(feeds) == 1:
+        return {names[0]: next(iter(feeds.values()))}
+    raise InputError(
+        f"{other.path}: its inputs ({', '.join(names)}) differ from the first model's "
+        f"({', '.join(feeds)}); both models must take the same inputs"
+    )
+
+
+def _probe(runner: Any, calls: int = 3) -> float:
+    """Median seconds of a few calls (sync included), to size warm-up and rounds."""
+    times = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        runner.run()
+        if runner.sync is not None:
+            runner.sync()
+        times.append(time.perf_counter() - t0)
+    return max(float(np.median(times)), 1e-7)
+
+
+def _warmup_calls(warmup: int, budget: float, per_call: float) -> int:
+    # Warm-up by count, but never more than one time budget's worth on a slow model.
+    return max(min(warmup, 2), min(warmup, int(budget / per_call)))
+
+
+def _side(handle: ModelHandle, runner: Any) -> BenchSide:
+    return BenchSide(
+        path=str(handle.path),
+        format=handle.format,
+        framework=handle.framework,
+        engine=runner.engine,
+        bn_layers=len(handle.info().bn_layers),
+        folds_bn_itself=bool(runner.folds_bn_itself),
+    )
+
+
+def _memory(runners: Sequence[Any]) -> tuple[int | None, str]:
+    device = [m for m in (r.peak_memory() for r in runners) if m is not None]
+    if device:
+        return max(device), "CUDA max allocated"
+    return _peak_rss(), "peak RSS of the process"
+
+
+def bench(
+    model: str | os.PathLike[str] | ModelHandle,
+    *,
+    vs: str | os.PathLike[str] | ModelHandle | None = None,
+    device: str = "cpu",
+    threads: int | None = None,
+    batch_sizes: Sequence[int] = (1,),
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    engine: str | None = None,
+    compile: bool = False,
+    optimize: bool = True,
+    time_budget_s: float = DEFAULT_TIME_BUDGET_S,
+    rounds: int | None = None,
+    replicates: int = DEFAULT_REPLICATES,
+    warmup: int = DEFAULT_WARMUP,
+    data: str | os.PathLike[str] | None = None,
+    seed: int = 0,
+    fail_if_slower: float | None = None,
+    progress: Progress | None = None,
+    **open_options: Any,
+) -> BenchResult:
+    """Time ``model`` (and ``vs``) for each batch size on its own engine.
+
+    Engines: torch eager (``compile``: ``torch.compile``) for PyTorch models, onnxruntime at
+    its default optimization level (``optimize=False``: ORT_DISABLE_ALL) for ONNX; ``engine``
+    only checks that the model runs on the engine named. Input: seeded N(0, 1) of the model's
+    input shape (``input_shapes`` fixes dynamic dims) with the batch dim set to each batch
+    size, or the first batch of ``data``.
+
+    Budget, per engine and batch size: alone, ``time_budget_s`` seconds of timed calls, or
+    exactly ``rounds`` timed calls when given. With ``vs``: ``rounds`` (default 20)
+    interleaved rounds of ``k`` calls per side, ``k = clamp(round(time_budget_s /
+    (rounds · t)), 1, 200)`` with ``t`` the mean of the two sides' probed call times, spread
+    over ``replicates`` independent instance pairs (``max(2, rounds // replicates)`` rounds
+    each); the interval is ``hierarchical_bootstrap_ratio`` over instances and rounds.
+    Warm-up of every instance: ``warmup`` calls (fewer when they would exceed the budget), then
+    until the median settles.
+    """
+    _check_options(
+        device, threads, batch_sizes, time_budget_s, rounds, warmup, replicates, vs, fail_if_slower
+    )
+    shapes = dict(input_shapes) if input_shapes else None
+    handle = as_handle(model, input_shapes=shapes, **open_options)
+    other = None if vs is None else as_handle(vs, input_shapes=shapes, **open_options)
+    for h in (handle, other):
+        if h is not None:
+            _check_engine(h, engine)
+            check_device(h, device)
+    if compile and all(h is None or h.framework == "onnx" for h in (handle, other)):
+        raise InputError(f"{handle.path}: --compile is for PyTorch models; onnxruntime has none")
+    n_rounds = rounds if rounds is not None else (DEFAULT_ROUNDS if other is not None else None)
+    rows: list[BenchRow] = []
+    notes: list[str] = []
+    side_a = side_b = None
+    inputs = ""
+    total = PROGRESS_UNITS * len(batch_sizes)
+    settings: dict[str, Any] = {
+        "time_budget_s": time_budget_s,
+        "rounds": n_rounds,
+        "warmup": warmup,
+        "optimize": optimize,
+        "compile": compile,
+        "replicates": replicates if other is not None else None,
+    }
+    for i, batch in enumerate(int(b) for b in batch_sizes):
+        base = i * PROGRESS_UNITS
+
+        def row_progress(done: int, tot: int | None, base: int = base) -> None:
+            if progress is not None and tot:
+                progress(base + min(PROGRESS_UNITS, PROGRESS_UNITS * done // tot), total)
+
+        feeds, inputs = _feeds(handle, batch, data, shapes, seed)
+        got = len(next(iter(feeds.values())))
+        if got != batch:
+            notes.append(f"batch size {batch}: ran {got} samples (all the input had)")
+        opts = dict(device=device, threads=threads, compile=compile, optimize=optimize)
+        run_a = latency_runner_for(handle, feeds, **opts)
+        side_a = _side(handle, run_a)
+        if other is None:
+            t = _probe(run_a)
+            fixed = n_rounds is not None
+            samples = measure(
+                run_a.run,
+                warmup=_warmup_calls(warmup, time_budget_s, t),
+                min_time_s=0.0 if fixed else time_budget_s,
+                min_iters=n_rounds if fixed else 20,
+                max_iters=n_rounds if fixed else 100_000,
+                sync=run_a.sync,
+                progress=row_progress,
+            )
+            memory, kind = _memory([run_a])
+            rows.append(BenchRow(got, samples, memory_bytes=memory, memory_kind=kind))
+        else:
+            cmp, side_b, memory, kind = _compare_pairs(
+                handle,
+                other,
+                feeds,
+                first=run_a,
+                opts=opts,
+                rounds=n_rounds,
+                replicates=replicates,
+                time_budget_s=time_budget_s,
+                warmup=warmup,
+                seed=seed,
+                progress=row_progress,
+            )
+            rows.append(BenchRow(got, cmp.a, cmp.b, cmp, memory_bytes=memory, memory_kind=kind))
+        del run_a
+    assert side_a is not None
+    notes += _engine_notes(side_a, side_b, threads)
+    return BenchResult(
+        a=side_a,
+        b=side_b,
+        device=device,
+        threads=threads,
+        inputs=inputs,
+        rows=rows,
+        settings=settings,
+        notes=notes,
+        fail_if_slower=fail_if_slower,
+    )
+
+
+def _engine_notes(a: BenchSide, b: BenchSide | None, threads: int | None) -> list[str]:
+    notes = []
+    for side in (a, b):
+        if side is not None and side.folds_bn_itself and side.bn_layers:
+            notes.append(
+                f"{side.path}: onnxruntime at its default level (ORT_ENABLE_ALL) fuses Conv+BN "
+                "itself, so folding BN with bncheck cannot make this model faster on this "
+                "engine: expect no significant difference"
+            )
+    if b is not None and a.framework != b.framework:
+        notes.append("the two models run on different engines: the ratio compares engines too")
+    if threads is None:
+        notes.append("threads not fixed (--threads): figures depend on the machine's other load")
+    return notes
+
+
+def _warm(runner: Any, warmup: int, cap_s: float) -> int:
+    """Warm one instance up (``warmup`` calls, then until the median settles, at most
+    ``cap_s`` seconds more); returns the number of warm-up calls."""
+    done = measure(
+        runner.run, warmup=warmup, min_time_s=cap_s, min_iters=1, max_iters=1, sync=runner.sync
+    )
+    return done.warmup_iters + 1
+
+
+def _compare_pairs(
+    handle: ModelHandle,
+    other: ModelHandle,
+    feeds: dict[str, np.ndarray],
+    *,
+    first: Any,
+    opts: dict[str, Any],
+    rounds: int,
+    replicates: int,
+    time_budget_s: float,
+    warmup: int,
+    seed: int,
+    progress: Progress,
+) -> tuple[Comparison, BenchSide, int | None, str]:
+    """A against B over ``replicates`` fresh instance pairs, each timed by ``bench.compare``
+    (alternating AB / BA rounds); one instance pair alive at a time."""
+    feeds_b = _feeds_for(other, feeds)
+    pairs = max(1, min(replicates, rounds // 2))
+    per = max(2, rounds // pairs)
+    a_blocks: list[np.ndarray] = []
+    b_blocks: list[np.ndarray] = []
+    order: list[str] = []
+    warm_a = warm_b = 0
+    memory: int | None = None
+    kind = ""
+    side_b: BenchSide | None = None
+    k = w = 1
+    run_a = first
+    for p in range(pairs):
+        if run_a is None:
+            run_a = latency_runner_for(handle, feeds, **opts)
+        run_b = latency_runner_for(other, feeds_b, **opts)
+        if side_b is None:
+            side_b = _side(other, run_b)
+            t_a, t_b = _probe(run_a), _probe(run_b)
+            k = min(max(round(time_budget_s / (pairs * per * (t_a + t_b) / 2)), 1), 200)
+            w = _warmup_calls(warmup, time_budget_s, max(t_a, t_b))
+        cap = time_budget_s / (4 * pairs)
+        warm_a += _warm(run_a, w, cap)
+        warm_b += _warm(run_b, w, cap)
+        done = p * per
+
+        def pair_progress(d: int, _t: int, done: int = done) -> None:
+            progress(done + d, pairs * per)
+
+        cmp = compare(
+            run_a.run,
+            run_b.run,
+            rounds=per,
+            iters_per_round=k,
+            warmup=0,  # warmed above, once per instance
+            sync_a=run_a.sync,
+            sync_b=run_b.sync,
+            seed=seed + p,
+            resamples=RESAMPLES,
+            confidence=CONFIDENCE,
+            progress=pair_progress,
+        )
+        a_blocks.append(cmp.a.seconds.reshape(per, k))
+        b_blocks.append(cmp.b.seconds.reshape(per, k))
+        order += cmp.order
+        mem, kind = _memory([run_a, run_b])
+        memory = mem if memory is None or mem is None else max(memory, mem)
+        run_a = run_b = None  # free this pair before the next is built
+    a_all, b_all = np.stack(a_blocks), np.stack(b_blocks)
+    ratio, low, high = hierarchical_bootstrap_ratio(a_all, b_all, seed=seed)
+    comparison = Comparison(
+        a=Samples(a_all.ravel(), warmup_iters=warm_a),
+        b=Samples(b_all.ravel(), warmup_iters=warm_b),
+        ratio=ratio,
+        ci_low=low,
+        ci_high=high,
+        confidence=CONFIDENCE,
+        rounds=pairs * per,
+        iters_per_round=k,
+        resamples=RESAMPLES,
+        order=order,
+    )
+    assert side_b is not None
+    return comparison, side_b, memory, kind

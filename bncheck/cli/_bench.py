@@ -1,0 +1,179 @@
+"""``bncheck bench``: latency of one model, or of two interleaved (A/B)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from bncheck.cli import (
+    ArchKwargsOpt,
+    ArchOpt,
+    FormatOpt,
+    QuietOpt,
+    ShapeOpt,
+    TrustOpt,
+    VerboseOpt,
+    app,
+    common,
+    console,
+    emit,
+)
+from bncheck.errors import ExitCode, InputError
+
+DeviceOpt = Annotated[str, typer.Option("--device", help="cpu | cuda")]
+ThreadsOpt = Annotated[
+    int | None, typer.Option("--threads", help="intra-op threads (torch and onnxruntime)")
+]
+BatchOpt = Annotated[
+    list[str] | None,
+    typer.Option("--batch-size", help="batch size; several (1,8 or repeated) give one row each"),
+]
+BudgetOpt = Annotated[
+    float | None,
+    typer.Option("--time-budget", help="seconds of timed calls per engine and batch size"),
+]
+RoundsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--rounds",
+        help="with --vs: interleaved A/B rounds (default 20); alone: a fixed number of timed "
+        "calls instead of --time-budget",
+    ),
+]
+WarmupOpt = Annotated[int, typer.Option("--warmup", help="warm-up calls before timing")]
+
+
+def parse_batch_sizes(values: list[str] | None) -> tuple[int, ...]:
+    """``["1,8", "32"]`` → ``(1, 8, 32)``; one line of error for anything else."""
+    if not values:
+        return (1,)
+    out: list[int] = []
+    for v in values:
+        for part in v.split(","):
+            if not part.strip():
+                continue
+            try:
+                n = int(part)
+            except ValueError:
+                raise InputError(f"--batch-size {v!r}: give integers, e.g. 1,8,32") from None
+            if n < 1:
+                raise InputError(f"--batch-size {v!r}: batch sizes must be at least 1")
+            out.append(n)
+    return tuple(dict.fromkeys(out)) or (1,)
+
+
+@contextmanager
+def progress_bar(enabled: bool, what: str) -> Iterator[Callable[[int, int | None], None] | None]:
+    """A rich progress bar on stderr, or None (off a TTY, in json/github/markdown, with -q)."""
+    if not enabled:
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TimeElapsedColumn
+
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        TaskProgressColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    ) as bar:
+        task = bar.add_task(what, total=None)
+
+        def update(done: int, total: int | None) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update
+
+
+@app.command()
+def bench(
+    model: Annotated[Path, typer.Argument(help="model file (A)")],
+    vs: Annotated[
+        Path | None, typer.Option("--vs", help="second model (B): A and B run interleaved")
+    ] = None,
+    device: DeviceOpt = "cpu",
+    threads: ThreadsOpt = None,
+    batch_size: BatchOpt = None,
+    compile: Annotated[
+        bool, typer.Option("--compile", help="torch models: time torch.compile instead of eager")
+    ] = False,
+    no_optimize: Annotated[
+        bool,
+        typer.Option(
+            "--no-optimize", help="onnxruntime at ORT_DISABLE_ALL instead of its default level"
+        ),
+    ] = False,
+    time_budget: BudgetOpt = None,
+    rounds: RoundsOpt = None,
+    warmup: WarmupOpt = 10,
+    data: Annotated[
+        Path | None,
+        typer.Option("--data", help="time on the first batch of this data, not random input"),
+    ] = None,
+    fail_if_slower: Annotated[
+        float | None,
+        typer.Option(
+            "--fail-if-slower",
+            help="with --vs: exit 1 when B is slower than A by more than PCT percent, even at "
+            "the low end of the 95% interval",
+        ),
+    ] = None,
+    fmt: FormatOpt = None,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    trust_pickle: TrustOpt = False,
+    input_shape: ShapeOpt = None,
+    verbose: VerboseOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Latency, percentiles, throughput and memory; with --vs, the ratio B/A and its 95% CI.
+
+    An unstable measurement is flagged, not reported as a result. Exit 1 with --fail-if-slower
+    when B is slower beyond the threshold.
+    """
+    from bncheck.api._bench import DEFAULT_TIME_BUDGET_S
+    from bncheck.api._bench import bench as run_bench
+    from bncheck.report import bench as rep
+
+    opts = common(
+        fmt, None, None, None, arch, arch_kwargs, trust_pickle, input_shape, verbose, quiet
+    )
+    open_options = dict(opts.open_options)
+    input_shapes = open_options.pop("input_shapes", None)
+    show_bar = opts.format == "text" and not opts.quiet and sys.stderr.isatty()
+    with progress_bar(show_bar, "timing") as progress:
+        result = run_bench(
+            model,
+            vs=vs,
+            device=device,
+            threads=threads,
+            batch_sizes=parse_batch_sizes(batch_size),
+            input_shapes=input_shapes,
+            compile=compile,
+            optimize=not no_optimize,
+            time_budget_s=DEFAULT_TIME_BUDGET_S if time_budget is None else time_budget,
+            rounds=rounds,
+            warmup=warmup,
+            data=data,
+            fail_if_slower=fail_if_slower,
+            progress=progress,
+            **open_options,
+        )
+    if opts.format == "json":
+        emit(rep.to_json(result))
+    elif opts.format == "github":
+        emit(rep.render_github(result))
+    elif opts.format == "markdown":
+        emit(rep.render_markdown(result))
+    elif opts.quiet:
+        emit(rep.summary_line(result))
+    else:
+        rep.render_text(result, console())
+    raise typer.Exit(ExitCode.FINDINGS if result.failed else ExitCode.OK)

@@ -1,0 +1,123 @@
+"""``bncheck optimize``: recalibrate? → fold → verify → bench, one report."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from bncheck.cli import (
+    ArchKwargsOpt,
+    ArchOpt,
+    FailOnOpt,
+    FormatOpt,
+    IgnoreOpt,
+    QuietOpt,
+    SelectOpt,
+    ShapeOpt,
+    TrustOpt,
+    VerboseOpt,
+    app,
+    common,
+    console,
+    emit,
+    exit_code_for,
+)
+from bncheck.cli._bench import (
+    BatchOpt,
+    DeviceOpt,
+    RoundsOpt,
+    ThreadsOpt,
+    parse_batch_sizes,
+    progress_bar,
+)
+from bncheck.errors import ExitCode
+
+
+@app.command()
+def optimize(
+    model: Annotated[Path, typer.Argument(help="model file to optimize")],
+    output: Annotated[
+        Path,
+        typer.Option("-o", "--output", help="where to write: .onnx, or .pt2 for PyTorch models"),
+    ],
+    data: Annotated[
+        Path | None,
+        typer.Option("--data", help="recalibrate on this data first, and verify and time on it"),
+    ] = None,
+    calib_batch_size: Annotated[
+        int, typer.Option("--calib-batch-size", help="batch size of the recalibration passes")
+    ] = 32,
+    affine: Annotated[
+        bool, typer.Option("--affine", help="turn BNs that cannot fold into a scale and shift")
+    ] = False,
+    no_bench: Annotated[bool, typer.Option("--no-bench", help="skip the latency comparison")] = (
+        False
+    ),
+    device: DeviceOpt = "cpu",
+    threads: ThreadsOpt = None,
+    batch_size: BatchOpt = None,
+    time_budget: Annotated[
+        float, typer.Option("--time-budget", help="seconds of timed calls per model")
+    ] = 0.5,
+    rounds: RoundsOpt = None,
+    in_place: Annotated[
+        bool, typer.Option("--in-place", help="allow -o to overwrite the input")
+    ] = False,
+    fmt: FormatOpt = None,
+    fail_on: FailOnOpt = None,
+    select: SelectOpt = None,
+    ignore: IgnoreOpt = None,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    trust_pickle: TrustOpt = False,
+    input_shape: ShapeOpt = None,
+    verbose: VerboseOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Recalibrate (with --data), fold, verify, and time the result against the input.
+
+    Exit 1, and no file written, when the folded model does not compute the same outputs;
+    otherwise by --fail-on on the findings that remain in the written model.
+    """
+    from bncheck.api._optimize import optimize as run_optimize
+    from bncheck.report import optimize as rep
+
+    opts = common(
+        fmt, fail_on, select, ignore, arch, arch_kwargs, trust_pickle, input_shape, verbose, quiet
+    )
+    show_bar = opts.format == "text" and not opts.quiet and sys.stderr.isatty()
+    with progress_bar(show_bar, "timing") as progress:
+        result = run_optimize(
+            model,
+            output,
+            data=data,
+            calib_batch_size=calib_batch_size,
+            affine=affine,
+            run_bench=not no_bench,
+            device=device,
+            threads=threads,
+            batch_sizes=parse_batch_sizes(batch_size),
+            time_budget_s=time_budget,
+            rounds=rounds,
+            select=opts.select,
+            ignore=opts.ignore,
+            in_place=in_place,
+            progress=progress,
+            **opts.open_options,
+        )
+    if opts.format == "json":
+        emit(rep.to_json(result))
+    elif opts.format == "github":
+        emit(rep.render_github(result))
+    elif opts.format == "markdown":
+        emit(rep.render_markdown(result))
+    elif opts.quiet:
+        emit(rep.summary_line(result))
+    else:
+        rep.render_text(result, console())
+    if not result.passed:
+        raise typer.Exit(ExitCode.FINDINGS)
+    raise typer.Exit(exit_code_for(result.findings, opts.fail_on))
