@@ -304,3 +304,14 @@ def test_cli_fold_writes_a_model_with_the_right_bn_count(tmp_path, run_cli):
     assert doc["summary"] == {"bn_layers": 13, "folded": 10, "skipped": 3, "passed": True}
     assert doc["after"]["bn_layers"] == 3 and doc["verification"]["max_abs_error"] < 1e-4
     assert sum(n.op_type == "BatchNormalization" for n in onnx.load(str(out)).graph.node) == 3
+
+
+def test_written_model_is_readable_like_any_new_file(tmp_path):
+    import os
+
+    from bncheck.atomic import umask
+
+    out = tmp_path / "folded.onnx"
+    assert bncheck.fold(SAMPLES / "resnet.onnx", out, verify=False).output == out
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask()
+    assert os.listdir(tmp_path) == ["folded.onnx"]

@@ -15,13 +15,13 @@ import html
 import io
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from bncheck.api._check import CheckResult, LayerCheck
+from bncheck.atomic import temp_beside
 from bncheck.errors import InputError
 from bncheck.report.check import divergence_line, first_line, summary_line
 
@@ -240,21 +240,14 @@ def _sort_key(score: float) -> float:
     return math.inf if math.isnan(score) else score
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def write_html(result: CheckResult, path: str | os.PathLike[str]) -> Path:
     """Write :func:`render_html` to ``path`` atomically (temp file in the folder, then rename)."""
     out = check_report_path(path)
     page = render_html(result)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    fd, tmp = temp_beside(out, ".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(page)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a report is an ordinary file
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

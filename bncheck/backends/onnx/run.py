@@ -12,6 +12,7 @@ from typing import Any
 import onnx
 from onnx import ModelProto, TensorProto
 
+from bncheck.atomic import temp_beside
 from bncheck.backends.onnx.load import iter_tensors
 from bncheck.errors import InputError
 
@@ -150,8 +151,7 @@ def save_onnx(model: ModelProto, path: Path, *, external_data: bool | None = Non
         external_data = model.ByteSize() > EXTERNAL_DATA_THRESHOLD
     previous = _external_locations(path) if path.exists() else set()
 
-    fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
-    tmp = Path(tmp_name)
+    fd, tmp = temp_beside(path, ".tmp")
     data: Path | None = None
     try:
         if external_data:

@@ -10,12 +10,12 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from bncheck.atomic import temp_beside
 from bncheck.errors import InputError
 
 ONNX_OPSET = 18
@@ -26,9 +26,8 @@ def atomic_path(path: Path) -> Iterator[Path]:
     """A temporary path beside ``path``; renamed onto ``path`` if the block succeeds."""
     path = Path(path)
     # The suffix stays last: torch.export.save warns about any other name.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    fd, tmp_path = temp_beside(path, path.suffix)
     os.close(fd)
-    tmp_path = Path(tmp)
     try:
         yield tmp_path
         with open(tmp_path, "rb") as f:
