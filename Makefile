@@ -29,6 +29,8 @@ demo: $(STAMP)
 	$(VENV)/bin/bncheck check sample_models/resnet.onnx --data sample_models/resnet_calib.npy
 	$(VENV)/bin/bncheck recalibrate sample_models/resnet.pt2 --data sample_models/resnet_calib.npy \
 		--labels sample_models/resnet_labels.npy -o out/resnet_recalibrated.pt2
+	$(VENV)/bin/bncheck optimize sample_models/resnet.pt2 --data sample_models/resnet_calib.npy \
+		-o out/resnet_optimized.pt2
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
