@@ -7,6 +7,7 @@ Deep code raises a subclass with a message a user can act on; only ``cli.py`` tu
 from __future__ import annotations
 
 import enum
+import zipfile
 
 
 class ExitCode(enum.IntEnum):
@@ -34,3 +35,8 @@ class VerificationError(BncheckError):
     """A transformed model does not compute the same function as the original. Exit code 1."""
 
     exit_code = ExitCode.FINDINGS
+
+
+# zipfile raises all of these on a malformed archive (a name flagged UTF-8 that is not, an
+# unsupported version, truncated records), not only BadZipFile: loaders catch them together.
+ZIP_ERRORS = (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError)

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from bncheck.errors import InputError
+from bncheck.errors import ZIP_ERRORS, InputError
 from bncheck.layers import TensorSpec
 
 
@@ -49,7 +49,7 @@ def sniff_data(path: Path) -> str:
         try:
             with zipfile.ZipFile(path) as zf:
                 names = zf.namelist()
-        except (zipfile.BadZipFile, OSError) as exc:
+        except ZIP_ERRORS as exc:
             raise InputError(f"{path}: damaged zip archive ({exc})") from None
         if any(n.endswith("data.pkl") for n in names):
             return "pt"

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from bncheck.backends.base import ModelHandle
-from bncheck.errors import InputError
+from bncheck.errors import ZIP_ERRORS, InputError
 
 __all__ = ["ModelHandle", "open_model", "sniff"]
 
@@ -51,7 +51,7 @@ def _sniff_zip(path: Path) -> str:
     try:
         with zipfile.ZipFile(path) as zf:
             names = zf.namelist()
-    except (zipfile.BadZipFile, OSError) as exc:
+    except ZIP_ERRORS as exc:
         raise InputError(f"{path}: damaged zip archive ({exc})") from None
     # torch.export writes <name>/archive_format holding "pt2"; TorchScript never does.
     if any(n == "archive_format" or n.endswith("/archive_format") for n in names):

@@ -301,7 +301,7 @@ class GraphIndex:
         if name not in self._arrays:
             try:
                 arr = numpy_helper.to_array(t)
-            except (ValueError, TypeError) as exc:  # stored data disagrees with dims/type
+            except (ValueError, TypeError, KeyError) as exc:  # bad dims, data or data_type
                 raise InputError(
                     f"{self.source}: tensor '{name}' holds malformed data ({exc})"
                 ) from None
