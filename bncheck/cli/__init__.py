@@ -255,11 +255,16 @@ def main(argv: list[str] | None = None) -> None:
         usage_only = True
     else:
         usage_only = False
+    from bncheck.interrupt import interruptible
+
     try:
-        rv = command.main(args=args, prog_name="bncheck", standalone_mode=False)
+        with interruptible():  # Ctrl-C also stops an onnxruntime run in flight
+            rv = command.main(args=args, prog_name="bncheck", standalone_mode=False)
         code = rv if isinstance(rv, int) else ExitCode.OK
     except typer.Exit as exc:
         code = exc.exit_code
+        if code == ExitCode.INTERRUPTED:  # typer turns KeyboardInterrupt into Exit(130)
+            print("bncheck: interrupted", file=sys.stderr)
     except (typer.Abort, KeyboardInterrupt):
         print("bncheck: interrupted", file=sys.stderr)
         code = ExitCode.INTERRUPTED
