@@ -123,7 +123,7 @@ def verify_same_function(
         max_abs_error=worst_abs,
         max_rel_error=worst_rel,
         top1_agreement=(agree_hits / agree_total) if any_top1 and agree_total else None,
-        passed=passed and np.isfinite(worst_abs),
+        passed=bool(passed and np.isfinite(worst_abs)),
     )
 
 

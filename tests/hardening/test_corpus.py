@@ -20,45 +20,10 @@ COMMANDS = ("inspect", "fold", "check", "recalibrate", "bench")
 MODEL_CASES = sorted(model_cases(Path("unused")))
 DATA_CASES = sorted(data_cases(Path("unused")))
 
-# Where bncheck misbehaves today: strict xfails, so a fix turns them into failures to remove.
-KNOWN_BUGS = {
-    ("bn_scale_wrong_length", "inspect"): (
-        "inspect: BN scale of 5 values for 3 channels ends in 'internal error: ValueError: "
-        "operands could not be broadcast' instead of a clean InputError"
-    ),
-    **{
-        ("bn_unknown_dtype", command): (
-            "an initializer with data_type 65 (undefined) ends in 'internal error: KeyError: 65' "
-            "from onnx.numpy_helper.to_array in GraphIndex.const (graph.py catches only "
-            "ValueError/TypeError)"
-        )
-        for command in COMMANDS
-    },
-    **{
-        (f"zip_header_{kind}", command): (
-            f"a zip whose central directory {what} ends in 'internal error: {exc}' from "
-            "zipfile.ZipFile in backends.sniff/_sniff_zip (catches only BadZipFile/OSError)"
-        )
-        for kind, what, exc in (
-            ("utf8", "flags a non-UTF-8 name as UTF-8", "UnicodeDecodeError"),
-            ("version", "asks for zip version 10.5", "NotImplementedError: zip file version 10.5"),
-        )
-        for command in COMMANDS
-    },
-    ("bn_int_stats", "inspect"): (
-        "inspect: int64 BN mean/var (invalid ONNX: T2 must be float) is reported as a healthy, "
-        "foldable BN with exit 0; fold/check/recalibrate refuse it through onnxruntime"
-    ),
-}
-
-
-DATA_BUGS = {
-    ("npz_bad_zip_name", command): (
-        "a .npz whose central directory flags a non-UTF-8 name as UTF-8 ends in 'internal "
-        "error: UnicodeDecodeError' (readers.sniff_data catches only BadZipFile/OSError)"
-    )
-    for command in ("check", "recalibrate", "fold")
-}
+# Where bncheck misbehaved: (case, command) → reason, as strict xfails so a fix shows up.
+# Empty now: each bug the corpus found was fixed in the loader it came from.
+KNOWN_BUGS: dict[tuple[str, str], str] = {}
+DATA_BUGS: dict[tuple[str, str], str] = {}
 
 
 def _data_params():

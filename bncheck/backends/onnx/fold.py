@@ -1,6 +1,6 @@
 """Fold BatchNormalization nodes of an ONNX graph into their neighbours.
 
-Each BN follows its :class:`~bncheck.backends.onnx.discover.FoldPlan` (the same decision
+Each BN follows its :class:`~bncheck.backends.onnx.fold_plan.FoldPlan` (the same decision
 ``inspect`` reports), so what inspect calls foldable is exactly what fold removes:
 
 - into the producer (Conv, ConvTranspose, Gemm, MatMul), through any per-channel constant
@@ -9,28 +9,37 @@ Each BN follows its :class:`~bncheck.backends.onnx.discover.FoldPlan` (the same 
 - into the single consumer (Conv, ConvTranspose, Gemm, MatMul) when that is exact;
 - with ``affine``, a BN that cannot fold becomes ``Mul(s) → Add(t)``.
 
-A standalone per-channel ``Mul``/``Add`` right after a weighted node (the decomposed BN that
-converters emit) folds into it too. All weight math is ``bncheck.numerics`` in float64, cast
-back to the weight's dtype; a cast that would overflow leaves that layer unfolded. The source
-model is never modified: the rewrite works on a copy, and a weight initializer that something
-else also reads is copied under a new name rather than changed.
+A standalone per-channel ``Mul``/``Add`` right after a Conv/ConvTranspose/Gemm (the decomposed
+BN that converters emit) folds into it too. Gemm's ``alpha``/``beta`` are folded into B and C.
+All weight math is ``bncheck.numerics`` in float64, cast back to the weight's dtype; a cast that
+would overflow, or statistics that give a non-finite scale, leave that layer unfolded. The
+source model is never modified: the rewrite works on a copy, a weight initializer that anything
+else also reads is written under a new name, and only what the fold orphaned is removed.
 """
 
 from __future__ import annotations
 
 import copy
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import ModelProto, NodeProto, helper, numpy_helper
+from onnx import GraphProto, ModelProto, NodeProto, helper, numpy_helper
 
-from bncheck.backends.onnx.discover import BNFacts, FoldPlan, _per_channel, bn_facts, fold_plan
-from bncheck.backends.onnx.graph import GraphIndex, attr, node_label
+from bncheck.backends.onnx.fold_plan import BNFacts, FoldPlan, bn_facts, bn_reason, fold_plan
+from bncheck.backends.onnx.fold_plan import per_channel as _per_channel
+from bncheck.backends.onnx.graph import (
+    GraphIndex,
+    _subgraph_outer_reads,
+    attr,
+    node_label,
+    opset_version,
+)
 from bncheck.layers import FoldStep
 from bncheck.numerics import bn_scale_shift, cast_checked, fold_into_consumer, fold_into_producer
 
-WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+__all__ = ["fold_model"]
 
 
 @dataclass
@@ -43,6 +52,7 @@ class _Params:
     bias_dtype: np.dtype
     groups: int
     op: str  # numerics op name
+    changed: bool = False  # a fold was applied: the node must be rewritten
 
 
 @dataclass
@@ -53,11 +63,10 @@ class _Rewrite:
     rename_output: dict[int, str] = field(default_factory=dict)  # producer position → new output
     rewire_input: dict[int, str] = field(default_factory=dict)  # consumer position → new input 0
     affine: dict[int, tuple[np.ndarray, np.ndarray, int, np.dtype]] = field(default_factory=dict)
-    absorbed: dict[str, NodeProto] = field(
-        default_factory=dict
-    )  # tensor → weighted node now making it
+    absorbed: dict[str, NodeProto] = field(default_factory=dict)  # tensor → weighted node making it
     matmul_bias: set[int] = field(default_factory=set)  # MatMul positions that gain an Add
     pos: dict[int, int] = field(default_factory=dict)  # id(node) → position
+    types: dict[str, int] | None = None  # inferred element types, computed on demand
 
     def position(self, node: NodeProto) -> int:
         return self.pos[id(node)]
@@ -82,6 +91,8 @@ def _load_params(rw: _Rewrite, node: NodeProto) -> _Params | str:
     w = idx.const(node.input[1])
     if w is None:
         return f"weight of {node_label(node)} is not constant"
+    if w.dtype.kind != "f" and w.dtype.name != "bfloat16":
+        return f"weight of {node_label(node)} is {w.dtype.name}, not floating point"
     has_bias = node.op_type != "MatMul" and len(node.input) > 2 and node.input[2]
     b = idx.const(node.input[2]) if has_bias else None
     if has_bias and b is None:
@@ -105,10 +116,26 @@ def _load_params(rw: _Rewrite, node: NodeProto) -> _Params | str:
     return params
 
 
-def _checked(params: _Params, w: np.ndarray, b: np.ndarray) -> str | None:
-    if cast_checked(w, params.dtype)[1] or cast_checked(b, params.bias_dtype)[1]:
-        return f"folded weights overflow {params.dtype.name}"
+def _overflows(
+    values: tuple[np.ndarray, ...], dtypes: tuple[np.dtype, ...], what: str = "folded weights"
+) -> str | None:
+    """Why ``values`` cannot be stored in ``dtypes`` (overflow, or an unsupported dtype)."""
+    for v, dt in zip(values, dtypes, strict=True):
+        try:
+            if cast_checked(v, dt)[1]:
+                return f"{what} overflow {np.dtype(dt).name}"
+        except ValueError as exc:
+            return str(exc)
     return None
+
+
+def _bn_affine(facts: BNFacts) -> tuple[np.ndarray, np.ndarray] | str:
+    """The BN's float64 ``(s, t)``, or why they are unusable (non-finite channels)."""
+    s, t = bn_scale_shift(facts.mean, facts.var, facts.scale, facts.bias, facts.eps)
+    bad = int(np.count_nonzero(~(np.isfinite(s) & np.isfinite(t))))
+    if bad:
+        return f"BN statistics give a non-finite scale or shift in {bad} channel(s)"
+    return s, t
 
 
 def _chain_affine(
@@ -131,20 +158,22 @@ def _fold_producer(rw: _Rewrite, plan: FoldPlan) -> str | None:
     params = _load_params(rw, prod)
     if isinstance(params, str):
         return params
+    st = _bn_affine(facts)
+    if isinstance(st, str):
+        return st
     a, b = _chain_affine(rw.index, plan.chain, facts.channels)
-    s, t = bn_scale_shift(facts.mean, facts.var, facts.scale, facts.bias, facts.eps)
+    s, t = st
     w, bias = fold_into_producer(
         params.weight, params.bias, a * s, b * s + t, op=params.op, groups=params.groups
     )
-    problem = _checked(params, w, bias)
+    problem = _overflows((w, bias), (params.dtype, params.bias_dtype))
     if problem:
         return problem
-    params.weight, params.bias = w, bias
+    params.weight, params.bias, params.changed = w, bias, True
     p = rw.position(prod)
-    for node in plan.chain:
-        rw.remove.add(rw.position(node))
-    rw.remove.add(rw.position(plan.bn))
+    rw.remove.update(rw.position(n) for n in (*plan.chain, plan.bn))
     rw.rename_output[p] = facts.y
+    rw.absorbed[facts.y] = prod  # a decomposed Mul/Add after the BN may fold in as well
     if prod.op_type == "MatMul":
         rw.matmul_bias.add(p)
     return None
@@ -155,17 +184,19 @@ def _fold_consumer(rw: _Rewrite, plan: FoldPlan) -> str | None:
     params = _load_params(rw, cons)
     if isinstance(params, str):
         return params
-    s, t = bn_scale_shift(facts.mean, facts.var, facts.scale, facts.bias, facts.eps)
+    st = _bn_affine(facts)
+    if isinstance(st, str):
+        return st
     try:
         w, bias = fold_into_consumer(
-            params.weight, params.bias, s, t, op=params.op, groups=params.groups
+            params.weight, params.bias, *st, op=params.op, groups=params.groups
         )
     except ValueError as exc:
         return str(exc)
-    problem = _checked(params, w, bias)
+    problem = _overflows((w, bias), (params.dtype, params.bias_dtype))
     if problem:
         return problem
-    params.weight, params.bias = w, bias
+    params.weight, params.bias, params.changed = w, bias, True
     rw.remove.add(rw.position(plan.bn))
     rw.rewire_input[rw.position(cons)] = facts.x
     if cons.op_type == "MatMul":
@@ -173,69 +204,109 @@ def _fold_consumer(rw: _Rewrite, plan: FoldPlan) -> str | None:
     return None
 
 
+def _input_dtype(rw: _Rewrite, facts: BNFacts) -> np.dtype | None:
+    """Element type of the BN input X: before opset 15 it is the scale's type; after, X may
+    differ (T vs T1), so it comes from the graph's value_info or from type inference."""
+    idx = rw.index
+    if (opset_version(idx.model) or 0) < 15 and facts.scale is not None:
+        return facts.scale.dtype
+    g = idx.model.graph
+    declared = {v.name: v.type.tensor_type.elem_type for v in (*g.input, *g.value_info, *g.output)}
+    elem = declared.get(facts.x, 0)
+    if not elem:
+        if rw.types is None:
+            try:  # one inference for the whole model; a failure only means "unknown"
+                inferred = onnx.shape_inference.infer_shapes(idx.model).graph
+                rw.types = {v.name: v.type.tensor_type.elem_type for v in inferred.value_info}
+            except Exception:
+                rw.types = {}
+        elem = rw.types.get(facts.x, 0)
+    return np.dtype(helper.tensor_dtype_to_np_dtype(elem)) if elem else None
+
+
 def _to_affine(rw: _Rewrite, facts: BNFacts) -> str | None:
-    if facts.training:
-        return "BN is in training mode"
-    if facts.mean is None or facts.var is None:
-        return "statistics are not constant"
+    reason = bn_reason(rw.index, facts)
+    if reason:
+        return reason
+    st = _bn_affine(facts)
+    if isinstance(st, str):
+        return st
     rank = rw.index.rank(facts.x)
     if rank is None or rank < 2:
         return "input rank unknown: cannot shape the scale and shift"
-    s, t = bn_scale_shift(facts.mean, facts.var, facts.scale, facts.bias, facts.eps)
-    dtype = (facts.scale if facts.scale is not None else facts.mean).dtype
-    if cast_checked(s, dtype)[1] or cast_checked(t, dtype)[1]:
-        return f"scale and shift overflow {dtype.name}"
-    rw.affine[rw.position(facts.node)] = (s, t, rank, dtype)
+    dtype = _input_dtype(rw, facts)
+    if dtype is None:
+        return "input element type unknown: cannot type the scale and shift"
+    problem = _overflows(st, (dtype, dtype), "scale and shift")
+    if problem:
+        return problem
+    rw.affine[rw.position(facts.node)] = (*st, rank, dtype)
     return None
 
 
+def _out_channels(params: _Params) -> int:
+    w = params.weight
+    if params.op == "conv_transpose":
+        return w.shape[1] * params.groups
+    return w.shape[0] if params.op in ("conv", "linear") else w.shape[1]
+
+
 def _decomposed(rw: _Rewrite, model: ModelProto) -> list[FoldStep]:
-    """Fold ``weighted → Mul/Add (per-channel constant)`` pairs that are not part of a BN."""
-    idx, steps = rw.index, []
+    """Fold ``weighted → Mul/Add (per-channel constant)`` runs that are not part of a BN.
+
+    Consecutive Mul/Add nodes folded into one producer are one step, named after the first
+    Mul of the run (the scale of a decomposed BN), else after its first node.
+    """
+    idx = rw.index
+    units: list[list] = []  # [layer name, target, named after a Mul]
+    open_units: dict[str, int] = {}  # tensor the last absorbed node writes → unit
     for node in model.graph.node:
         p = rw.position(node)
         if p in rw.remove or node.op_type not in ("Mul", "Add") or len(node.input) != 2:
             continue
+        if node.domain not in ("", "ai.onnx"):
+            continue
         var_in = [i for i in node.input if not idx.is_constant(i)]
         if len(var_in) != 1:
             continue
-        src = rw.absorbed.get(var_in[0]) or idx.producer.get(var_in[0])
+        x = var_in[0]
+        src = rw.absorbed.get(x) or idx.producer.get(x)
         if src is None or src.op_type not in ("Conv", "ConvTranspose", "Gemm"):
             continue  # a MatMul would need an Add for the bias anyway
         sp = rw.position(src)
-        if sp in rw.remove or rw.rename_output.get(sp, var_in[0]) != var_in[0]:
+        if src.domain not in ("", "ai.onnx") or sp in rw.remove:
             continue
-        if idx.uses(var_in[0]) != [node] or idx.is_graph_output(var_in[0]):
+        if rw.rename_output.get(sp, x) != x or idx.is_graph_output(x):
+            continue
+        uses = idx.uses(x)
+        if len(uses) != 1 or uses[0] is not node:
             continue
         params = _load_params(rw, src)
         if isinstance(params, str):
             continue
-        out_ch = (
-            params.weight.shape[1] * params.groups
-            if params.op == "conv_transpose"
-            else (
-                params.weight.shape[0]
-                if params.op in ("conv", "linear")
-                else params.weight.shape[1]
-            )
-        )
+        out_ch = _out_channels(params)
         const = next(i for i in node.input if idx.is_constant(i))
-        rank = idx.rank(var_in[0])
-        if not _per_channel(idx.const_shape(const) or (), rank, out_ch):
+        if not _per_channel(idx.const_shape(const) or (), idx.rank(x), out_ch):
             continue
         c = np.broadcast_to(idx.const(const).astype(np.float64).reshape(-1), (out_ch,))
         scale, shift = (c, np.zeros(out_ch)) if node.op_type == "Mul" else (np.ones(out_ch), c)
         w, b = fold_into_producer(
             params.weight, params.bias, scale, shift, op=params.op, groups=params.groups
         )
-        if _checked(params, w, b):
+        if _overflows((w, b), (params.dtype, params.bias_dtype)):
             continue
-        params.weight, params.bias = w, b
+        params.weight, params.bias, params.changed = w, b, True
         rw.remove.add(p)
         rw.rename_output[sp] = node.output[0]
         rw.absorbed[node.output[0]] = src
-        steps.append(FoldStep(node_label(node), "producer", node_label(src)))
-    return steps
+        u = open_units.pop(x, None)
+        if u is None:
+            u = len(units)
+            units.append([node_label(node), node_label(src), node.op_type == "Mul"])
+        elif node.op_type == "Mul" and not units[u][2]:
+            units[u][0], units[u][2] = node_label(node), True
+        open_units[node.output[0]] = u
+    return [FoldStep(name, "producer", target) for name, target, _ in units]
 
 
 def _unique(base: str, taken: set[str]) -> str:
@@ -246,27 +317,37 @@ def _unique(base: str, taken: set[str]) -> str:
     return name
 
 
+def _reads(g: GraphProto) -> Counter[str]:
+    """How often each tensor is read: node inputs, subgraph reads of outer names, outputs."""
+    reads: Counter[str] = Counter(o.name for o in g.output)
+    for n in g.node:
+        reads.update(i for i in n.input if i)
+        if any(
+            a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in n.attribute
+        ):
+            reads.update(_subgraph_outer_reads(n))
+    return reads
+
+
 def _emit(rw: _Rewrite, src: ModelProto) -> ModelProto:
     """Build the rewritten model from the source and the decisions in ``rw``."""
     model = copy.deepcopy(src)
     g = model.graph
     nodes = list(g.node)
-    readers: dict[str, int] = {}
-    for n in nodes:
-        for i in n.input:
-            readers[i] = readers.get(i, 0) + 1
-    taken = {t.name for t in g.initializer} | {o for n in nodes for o in n.output}
-    taken |= {i.name for i in g.input}
+    reads_before = _reads(g)
+    names_before = {o for n in nodes for o in n.output} | {t.name for t in g.initializer}
+    graph_inputs = {i.name for i in g.input}
+    taken = names_before | graph_inputs | {o.name for o in g.output}
     inits = {t.name: t for t in g.initializer}
     new_inits: list[onnx.TensorProto] = []
 
-    def store(node: NodeProto, slot: int, value: np.ndarray, dtype: np.dtype, label: str) -> None:
+    def store(node: NodeProto, slot: int, value: np.ndarray, dtype: np.dtype, name: str) -> None:
         arr = cast_checked(value, dtype)[0]
         old = node.input[slot] if len(node.input) > slot else ""
-        if old in inits and readers.get(old, 0) == 1 and old not in {i.name for i in g.input}:
+        if old in inits and reads_before[old] == 1 and old not in graph_inputs:
             inits[old].CopyFrom(numpy_helper.from_array(arr, old))  # sole reader: keep the name
             return
-        name = _unique(f"{node_label(node)}.{label}_folded", taken)
+        name = _unique(name, taken)
         new_inits.append(numpy_helper.from_array(arr, name))
         while len(node.input) <= slot:
             node.input.append("")
@@ -281,34 +362,34 @@ def _emit(rw: _Rewrite, src: ModelProto) -> ModelProto:
         if p in rw.affine:
             out_nodes += _affine_nodes(node, *rw.affine[p], new_inits, taken)
             continue
-        params = rw.params.get(p)
-        if params is not None:
-            store(node, 1, params.weight, params.dtype, "weight")
-            final_out = rw.rename_output.get(p, node.output[0])
-            if node.op_type == "MatMul" and params.bias is not None and p in rw.matmul_bias:
-                label = node_label(node)
+        params, label = rw.params.get(p), node_label(node)  # the label before any rename
+        if p in rw.rename_output:
+            node.output[0] = rw.rename_output[p]
+        if params is not None and params.changed:
+            store(node, 1, params.weight, params.dtype, f"{label}.weight_folded")
+            if node.op_type == "MatMul" and p in rw.matmul_bias:
                 mm_out, b_name = _unique(f"{label}.matmul", taken), _unique(f"{label}.bias", taken)
-                node.output[0] = mm_out
-                out_nodes.append(node)
+                final_out, node.output[0] = node.output[0], mm_out
                 bias = cast_checked(params.bias, params.dtype)[0]
                 new_inits.append(numpy_helper.from_array(bias, b_name))
                 add = helper.make_node("Add", [mm_out, b_name], [final_out], name=f"{label}_bias")
-                out_nodes.append(add)
+                out_nodes += [node, add]
                 continue
             if node.op_type != "MatMul" and params.bias is not None:
                 if node.op_type == "Gemm":  # alpha and beta were folded into B and C
                     kept = [a for a in node.attribute if a.name not in ("alpha", "beta")]
                     del node.attribute[:]
                     node.attribute.extend(kept)
-                store(node, 2, params.bias, params.bias_dtype, "bias")
-            node.output[0] = final_out
-        elif p in rw.rename_output:
-            node.output[0] = rw.rename_output[p]
+                store(node, 2, params.bias, params.bias_dtype, f"{label}.bias_folded")
         out_nodes.append(node)
     del g.node[:]
     g.node.extend(out_nodes)
     g.initializer.extend(new_inits)
-    _drop_dead(model)
+    if model.ir_version < 4:  # before IR 4 every initializer must also be a graph input
+        g.input.extend(
+            helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in new_inits
+        )
+    _drop_orphans(g, reads_before, names_before)
     return model
 
 
@@ -334,31 +415,43 @@ def _affine_nodes(
     ]
 
 
-def _drop_dead(model: ModelProto) -> None:
-    """Remove nodes, initializers and value_info that nothing reads any more."""
-    g = model.graph
-    outputs = {o.name for o in g.output}
-    changed = True
-    while changed:
-        read = {i for n in g.node for i in n.input} | outputs
-        keep = [n for n in g.node if any(o in read for o in n.output if o)]
-        changed = len(keep) != len(g.node)
-        if changed:
-            del g.node[:]
-            g.node.extend(keep)
-    read = {i for n in g.node for i in n.input} | outputs
+def _drop_orphans(g: GraphProto, reads_before: Counter[str], names_before: set[str]) -> None:
+    """Remove the nodes and initializers the fold left unread (Constant nodes, weights, BN
+    statistics, ``Identity`` links to them) and value_info of tensors that no longer exist.
+
+    Only what was read before and is not now goes: anything already dead in the source, the
+    graph inputs and outputs are left as they were.
+    """
+    while True:
+        reads = _reads(g)
+        keep = [
+            n
+            for n in g.node
+            if any(reads[o] for o in n.output if o)
+            or not any(reads_before[o] for o in n.output if o)
+        ]
+        if len(keep) == len(g.node):
+            break
+        del g.node[:]
+        g.node.extend(keep)
     graph_inputs = {i.name for i in g.input}
-    kept = [t for t in g.initializer if t.name in read or t.name in graph_inputs]
+    kept = [
+        t
+        for t in g.initializer
+        if reads[t.name] or not reads_before[t.name] or t.name in graph_inputs
+    ]
     del g.initializer[:]
     g.initializer.extend(kept)
-    produced = {o for n in g.node for o in n.output} | graph_inputs
-    vi = [v for v in g.value_info if v.name in produced]
+    now = {o for n in g.node for o in n.output} | {t.name for t in g.initializer} | graph_inputs
+    vi = [v for v in g.value_info if v.name in now or v.name not in names_before]
     del g.value_info[:]
     g.value_info.extend(vi)
 
 
 def fold_model(index: GraphIndex, *, affine: bool = False) -> tuple[ModelProto, list[FoldStep]]:
-    """Fold every foldable BN of ``index.model``; returns a new model and one step per BN.
+    """Fold every foldable BN of ``index.model``; returns a new model and the steps: one per
+    BN in graph order (named as :class:`~bncheck.layers.BNLayer` names it), then one per
+    decomposed Mul/Add run folded into its producer.
 
     With ``affine``, BNs that cannot fold become a Mul and an Add.
     """
@@ -370,7 +463,6 @@ def fold_model(index: GraphIndex, *, affine: bool = False) -> tuple[ModelProto, 
             continue
         plan = fold_plan(index, node, bn_facts(index, node))
         name, d = node_label(node), plan.decision
-        problem = None
         if d.into == "producer":
             problem = _fold_producer(rw, plan)
         elif d.into == "consumer":
@@ -380,9 +472,12 @@ def fold_model(index: GraphIndex, *, affine: bool = False) -> tuple[ModelProto, 
         if problem is None:
             steps.append(FoldStep(name, d.into, d.target))
             continue
-        if affine and _to_affine(rw, plan.facts) is None:
+        why_not = _to_affine(rw, plan.facts) if affine else problem
+        if why_not is None:
             steps.append(FoldStep(name, "affine", None, problem))
         else:
+            if why_not not in problem:
+                problem = f"{problem}; not made affine: {why_not}"
             steps.append(FoldStep(name, None, None, problem))
     steps += _decomposed(rw, model)
     return _emit(rw, model), steps
