@@ -162,12 +162,6 @@ def test_disk_full_onnx_external_data_keeps_previous_output(tmp_path):
     assert files(tmp_path) == before  # neither the temp model nor a .data file is left
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="torch.export.save's zip writer raises c10::Error (not OSError) on EFBIG and its "
-    "destructor then aborts the process: exit -6 (SIGABRT), C++ stack on stderr "
-    "(the previous file does survive)",
-)
 def test_disk_full_pt2_keeps_previous_output(tmp_path):
     import torch
     from torch_fixtures import conv_bn, randomize_bn

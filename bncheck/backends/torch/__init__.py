@@ -100,17 +100,33 @@ class TorchHandle(ModelHandle):
         return self._info
 
     def runnable(self) -> Any:
-        """The module inference runs: the graph of a .pt2, else an eval-mode copy (cached)."""
+        """The module inference runs (cached): the graph of a .pt2, else an eval-mode copy.
+
+        A .pt2 exported in train mode updates its BN buffers in place when it runs (its
+        signature does not list them as mutated), and ``ep.module()`` shares them with the
+        program: the runnable gets its own copy of every buffer (statistics are small; the
+        parameters stay shared), so running never changes the loaded program's statistics."""
         if getattr(self, "_runnable", None) is None:
             if self.format == "pt2" and self._exported is not None:
-                self._runnable = self._exported.module()
+                gm = self._exported.module()
+                for mod in gm.modules():
+                    for key, buf in list(mod._buffers.items()):
+                        if buf is not None:
+                            mod._buffers[key] = buf.clone()
+                self._runnable = gm
             else:
                 self._runnable = copy.deepcopy(self.module).eval()
         return self._runnable
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        """Inference forward on CPU (eval mode; a .pt2 runs its graph as exported), inputs by
-        forward-argument name, outputs flattened (tuple/list/dict → list) to numpy."""
+        """Inference forward on CPU under ``torch.inference_mode``.
+
+        The model runs as it is deployed for inference: an eager model in eval mode (an eval
+        copy; the handle's module keeps its mode), a .pt2 as its graph was exported. Inputs are
+        matched by forward-argument name (a single feed goes to a single input whatever its
+        name); floating-point feeds are cast to the model's input dtype (numpy has no bfloat16).
+        Outputs are flattened (tuple/list/dict → list, in order) to numpy, bfloat16 → float32.
+        """
         import torch
 
         names = list(self.example_named) or list(feeds)
@@ -122,6 +138,10 @@ class TorchHandle(ModelHandle):
                 raise InputError(f"{self.path}: no data for model input {missing[0]!r}")
             args = [feeds[n] for n in names]
         tensors = [torch.from_numpy(np.ascontiguousarray(a)) for a in args]
+        for i, ref in enumerate(list(self.example_named.values())[: len(tensors)]):
+            t = tensors[i]
+            if t.is_floating_point() and ref.is_floating_point() and t.dtype != ref.dtype:
+                tensors[i] = t.to(ref.dtype)
         try:
             with torch.inference_mode(), quiet_torch():
                 out = self.runnable()(*tensors)
@@ -131,7 +151,13 @@ class TorchHandle(ModelHandle):
                 t.detach().cpu().numpy() for t in _flat_tensors(out)]  # fmt: skip
 
     def folded(self, *, affine: bool = False) -> tuple[TorchHandle, list[FoldStep]]:
-        """Fold BNs on the traced graph; an untraceable model folds its safe eager pairs."""
+        """Fold the BNs ``info()`` marks foldable (``affine``: the rest become ``x·s + t``).
+
+        A traced model is folded on its graph and re-exported: the new handle holds that
+        ExportedProgram and reports format ``pt2`` (its ``info()`` reads the graph, as the
+        folded model is no longer the ``--arch`` class), path = the source path. A model
+        that does not trace folds its safe eager Conv→BN pairs in a copy and keeps its format.
+        """
         from bncheck.backends.torch.fold import fold_eager, fold_graph
 
         if self.exported is not None:
@@ -155,28 +181,19 @@ class TorchHandle(ModelHandle):
         return with_stats(self, stats, num_batches=num_batches)
 
     def save(self, path: Path) -> None:
-        """Write by suffix: ``.pt2`` / ``.onnx`` (need a graph); other suffixes write the
-        source format (state dict, safetensors, trusted pickle)."""
-        from bncheck.backends.torch import save as writers
+        """Write atomically, by suffix: ``.pt2`` / ``.onnx`` from the traced program,
+        ``.safetensors`` as safetensors; any other suffix writes the source format (state
+        dict with the same keys, safetensors, trusted pickle)."""
+        from bncheck.backends.torch.save import save_torch
 
         path = Path(path)
         suffix = path.suffix.lower()
-        if suffix in (".pt2", ".onnx"):
-            ep = self.exported
-            if ep is None:
-                raise InputError(f"{path}: cannot write {suffix}: {self.graph_error}")
-            if suffix == ".pt2":
-                writers.save_pt2(ep, path)
-            else:
-                writers.save_onnx_from_program(ep, path)
-        elif self.format == "safetensors" or suffix == ".safetensors":
-            writers.save_safetensors(self.module, path)
-        elif self.format == "pickle":
-            writers.save_pickle(self.module, path)
-        elif self.format == "state_dict":
-            writers.save_state_dict(self.module, path)
-        else:
+        fmt = {".pt2": "pt2", ".onnx": "onnx", ".safetensors": "safetensors"}.get(suffix)
+        if fmt is None and self.format in ("state_dict", "safetensors", "pickle"):
+            fmt = self.format
+        if fmt is None:
             raise InputError(f"{path}: cannot write a {self.format} model as {suffix or 'this'}")
+        save_torch(self, path, fmt)
 
     # ------------------------------------------------------------------------------------------
 

@@ -1,319 +1,434 @@
 """Fold BN into its neighbours on the traced graph of a PyTorch model.
 
-The graph is the unlifted ``GraphModule`` of the model's ExportedProgram (``ep.module()``), so any
-model that ``torch.export`` traces folds, not only ``nn.Sequential`` patterns. Which BN folds, and
-into what, is decided by the same checks ``inspect`` reports (``discover.match_fold``); this module
-only rewrites. Per fold: the new weight and bias come from ``bncheck.numerics`` in float64, cast
-back to the parameter's dtype (an overflow leaves the layer unfolded); they are installed as new
-tensors on the GraphModule (the source model's tensors are never written to); the BN's users read
-the producer's output (or the consumer reads the BN's input); the BN's nodes and attributes are
-removed. The result is exported again, with a dynamic batch dimension where the source had one.
+Which BN folds, and into what, is decided once, by the checks ``inspect`` reports
+(``graph.match_fold`` through ``handle.info()``); this module only executes those decisions, so
+the two always agree. The rewrite works on a deep copy of the unlifted ``GraphModule`` of the
+model's ExportedProgram (``ep.module()``: parameters are ``get_attr`` nodes), so any model that
+``torch.export`` traces folds, not only ``nn.Sequential`` patterns. The BN calls found in the
+ExportedProgram's graph are located in the copy by node name (unlifting keeps the names of every
+node but the parameter placeholders).
 
-A model that does not trace folds the Conv→BN pairs its module tree shows safe, in a copy.
+Per fold, in float64 (``bncheck.numerics``), with ``s = γ/√(σ² + ε)``, ``t = β − μ·s``:
+
+- into the producer P (``BN(P(x))``): ``W' = s·W`` per output channel, ``b' = s·b + t``;
+- into the consumer C (``C(BN(x))``): ``W' = W·s`` per input channel, ``b' = b + Σ W·t``.
+
+The new tensors are cast back to the parameter's dtype (an overflow leaves the layer unfolded)
+and installed as new tensors on the copy; a weight other call sites also read is folded into a
+new attribute, so they keep computing bit-identical outputs. The BN's users then read the
+producer's output (or the consumer reads the BN's input), the BN's nodes are erased and its
+tensors deleted. With ``affine``, an inference-mode BN that cannot fold becomes
+``x * s.view(1, C, 1, …) + t.view(1, C, 1, …)``. The result is exported again, keeping every
+dynamic input dimension of the source (the sample ``.pt2`` files have a dynamic batch).
+
+A model that does not trace folds the Conv/Linear→BN pairs its module tree shows safe, in a deep
+copy of the module (``fold_eager``).
 """
 
 from __future__ import annotations
 
 import copy
-import operator
 import warnings
 from typing import Any
 
 import numpy as np
 
-from bncheck.backends.torch.discover import (
-    BN_OPS,
-    eager_pairs,
-    op_args,
-    packet,
-)
+from bncheck.backends.torch.discover import eager_pairs, layer_calls
+from bncheck.backends.torch.graph import BNCall, GraphView, op_args, packet
 from bncheck.layers import BNLayer, FoldStep
 from bncheck.numerics import bn_scale_shift, cast_checked, fold_into_consumer, fold_into_producer
 
-_NUMERICS_OP = {"Conv": "conv", "ConvTranspose": "conv_transpose", "Linear": "linear"}
-_BN_PARAMS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+__all__ = ["fold_eager", "fold_graph"]
 
-
-def _np(t: Any) -> np.ndarray:
-    return t.detach().float().cpu().numpy().astype(np.float64) if t is not None else None
-
-
-def _attr_target(node: Any) -> str | None:
-    return node.target if hasattr(node, "op") and node.op == "get_attr" else None
-
-
-def _get(gm: Any, target: str) -> Any:
-    return operator.attrgetter(target)(gm)
-
-
-def _set_param(gm: Any, target: str, value: Any) -> None:
-    import torch
-
-    owner_path, _, leaf = target.rpartition(".")
-    owner = gm.get_submodule(owner_path) if owner_path else gm
-    if leaf in owner._parameters or leaf in owner._buffers:
-        delattr(owner, leaf)
-    owner.register_parameter(leaf, torch.nn.Parameter(value, requires_grad=False))
-
-
-def _bn_nodes(gm: Any) -> dict[str, Any]:
-    """BN layer name (prefix of its running_mean attribute) → batch-norm op node."""
-    found: dict[str, Any] = {}
-    for node in gm.graph.nodes:
-        if packet(node) not in BN_OPS:
-            continue
-        mean = _attr_target(op_args(node).get("running_mean"))
-        if mean:
-            found.setdefault(mean.rsplit(".", 1)[0], node)
-    return found
-
-
-def _bn_output(node: Any) -> Any:
-    """The value a BN op produces for its users (getitem 0 for tuple-returning ops)."""
-    if len(node.target._schema.returns) > 1:
-        for user in node.users:
-            if packet(user) == "getitem" and user.args[1] == 0:
-                return user
-        return None
-    return node
-
-
-def _weighted_arg_names(node: Any) -> tuple[str, str, int]:
-    """(weight arg name, bias arg name, positional index of bias) of a conv/linear node."""
-    schema = node.target._schema
-    names = [a.name for a in schema.arguments]
-    return "weight", "bias", names.index("bias")
-
-
-def _layer_params(gm: Any, node: Any) -> tuple[str, str | None, Any, Any]:
-    args = op_args(node)
-    w_t = _attr_target(args.get("weight"))
-    b_t = _attr_target(args.get("bias")) if args.get("bias") is not None else None
-    if w_t is None or (args.get("bias") is not None and b_t is None):
-        raise _Skip("weights are computed in the graph, not stored")
-    return w_t, b_t, _get(gm, w_t), (_get(gm, b_t) if b_t else None)
+_BN_TENSORS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+_TRAINING_OPS = {"_batch_norm_with_update", "_batch_norm_with_update_functional"}
 
 
 class _Skip(Exception):
-    pass
+    """This BN cannot be rewritten after all; the message is the reason reported."""
 
 
-def _kind(node: Any) -> str:
-    name = packet(node)
-    if name in ("convolution", "_convolution"):
-        return "ConvTranspose" if op_args(node).get("transposed") else "Conv"
-    if name and name.startswith("conv_transpose"):
-        return "ConvTranspose"
-    if name and name.startswith("conv"):
-        return "Conv"
-    return "Linear"
+# ----------------------------------------------------------------------------- tensor plumbing
 
 
-def _install(
-    gm: Any, node: Any, w_t: str, b_t: str | None, w: np.ndarray, b: np.ndarray, like: Any
-) -> None:
+def _f64(t: Any) -> np.ndarray | None:
+    return None if t is None else t.detach().cpu().double().numpy()
+
+
+def _to_torch(a: np.ndarray, dtype: Any, what: str) -> Any:
+    """float64 ``a`` in the torch ``dtype``; ``_Skip`` when a finite value overflows it."""
     import torch
 
-    bias_like = _get(gm, b_t) if b_t else like
-    w_new, w_over = cast_checked(w, _np_dtype(like))
-    b_new, b_over = cast_checked(b, _np_dtype(bias_like))
-    if w_over or b_over:
-        raise _Skip(f"folded weights overflow {like.dtype}".replace("torch.", ""))
-    _set_param(gm, w_t, torch.from_numpy(np.ascontiguousarray(w_new)).to(like.dtype))
-    if b_t is None:
-        b_t = f"{w_t.rsplit('.', 1)[0]}.bias" if "." in w_t else "bias"
-        taken = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-        while b_t in taken or _has_attr(gm, b_t):
-            b_t += "_folded"
-        _set_param(gm, b_t, torch.from_numpy(np.ascontiguousarray(b_new)).to(bias_like.dtype))
-        with gm.graph.inserting_before(node):
-            b_node = gm.graph.get_attr(b_t)
-        _, _, idx = _weighted_arg_names(node)
-        args = list(node.args)
-        while len(args) <= idx:
-            args.append(None)
-        args[idx] = b_node
-        node.args = tuple(args)
-        node.kwargs = {k: v for k, v in node.kwargs.items() if k != "bias"}
-    else:
-        _set_param(gm, b_t, torch.from_numpy(np.ascontiguousarray(b_new)).to(bias_like.dtype))
+    name = str(dtype).removeprefix("torch.")
+    if not np.all(np.isfinite(a)):
+        raise _Skip(f"folded {what} would not be finite (BN variance + eps <= 0?)")
+    _, overflowed = cast_checked(a, name)
+    if overflowed:
+        raise _Skip(f"folded {what} overflow {name} in {overflowed} elements")
+    # torch rounds float64 → float16/bfloat16/float32 to nearest-even, as numpy does.
+    return torch.from_numpy(np.ascontiguousarray(a)).to(dtype)
 
 
-def _has_attr(gm: Any, target: str) -> bool:
+def _owner(gm: Any, fqn: str, create: bool = False) -> tuple[Any, str]:
+    import torch
+
+    path, _, leaf = fqn.rpartition(".")
+    mod = gm
+    for part in path.split(".") if path else ():
+        if not hasattr(mod, part):
+            if not create:
+                raise AttributeError(fqn)
+            mod.add_module(part, torch.nn.Module())
+        mod = getattr(mod, part)
+    return mod, leaf
+
+
+def _has(gm: Any, fqn: str) -> bool:
     try:
-        _get(gm, target)
-        return True
+        mod, leaf = _owner(gm, fqn)
     except AttributeError:
         return False
+    return leaf in mod.__dict__ or leaf in mod._parameters or leaf in mod._buffers or (
+        leaf in mod._modules
+    )  # fmt: skip
 
 
-def _np_dtype(t: Any) -> str:
-    return str(t.dtype).replace("torch.", "")
+def _store(gm: Any, fqn: str, value: Any, *, param: bool) -> None:
+    """Bind ``fqn`` to a new tensor (the old tensor object is dropped, never written to)."""
+    import torch
+
+    mod, leaf = _owner(gm, fqn, create=True)
+    for table in (mod._parameters, mod._buffers):
+        table.pop(leaf, None)
+    mod.__dict__.pop(leaf, None)
+    if param:
+        mod.register_parameter(leaf, torch.nn.Parameter(value, requires_grad=False))
+    else:
+        mod.register_buffer(leaf, value)
 
 
-def _bn_scale_shift(layer: BNLayer) -> tuple[np.ndarray, np.ndarray]:
+def _delete(gm: Any, fqn: str) -> None:
+    try:
+        mod, leaf = _owner(gm, fqn)
+    except AttributeError:
+        return
+    for table in (mod._parameters, mod._buffers):
+        table.pop(leaf, None)
+    mod.__dict__.pop(leaf, None)
+
+
+def _is_param(gm: Any, fqn: str) -> bool:
+    mod, leaf = _owner(gm, fqn)
+    return leaf in mod._parameters
+
+
+def _fresh(gm: Any, fqn: str) -> str:
+    name, n = fqn, 0
+    while _has(gm, name):
+        n += 1
+        name = f"{fqn}_folded{'' if n == 1 else n}"
+    return name
+
+
+def _read_targets(gm: Any) -> dict[str, int]:
+    """get_attr target → number of nodes reading it (summed over duplicate get_attr nodes)."""
+    out: dict[str, int] = {}
+    for n in gm.graph.nodes:
+        if n.op == "get_attr":
+            out[n.target] = out.get(n.target, 0) + len(n.users)
+    return out
+
+
+# ------------------------------------------------------------------------------ the rewrite
+
+
+def _weights(gm: Any, node: Any) -> tuple[Any, Any | None]:
+    """The get_attr nodes of ``node``'s weight and bias (bias None when absent)."""
+    args = op_args(node)
+    w, b = args.get("weight"), args.get("bias")
+    if getattr(w, "op", None) != "get_attr" or (b is not None and b.op != "get_attr"):
+        raise _Skip(f"the weights of '{node.name}' are computed in the graph, not stored")
+    return w, b
+
+
+def _kind(node: Any) -> tuple[str, int]:
+    """(numerics op, groups) of a conv / conv_transpose / linear node."""
+    name = packet(node) or ""
+    args = op_args(node)
+    if name == "linear":
+        return "linear", 1
+    transposed = bool(args.get("transposed")) or name.startswith("conv_transpose")
+    if name.startswith("conv") or name in ("convolution", "_convolution"):
+        return ("conv_transpose" if transposed else "conv"), int(args.get("groups", 1))
+    raise _Skip(f"'{node.name}' ({name}) is not a conv or linear")
+
+
+def _rewrite_weights(gm: Any, node: Any, w64: np.ndarray, b64: np.ndarray) -> None:
+    """Give ``node`` the weight ``w64`` and bias ``b64`` (float64) in its parameter dtypes.
+
+    A tensor read only by ``node`` is rebound under its own name; a shared one is left to its
+    other readers and ``node`` gets a new attribute. A missing bias becomes a new attribute
+    passed as the op's ``bias`` argument."""
+    w_node, b_node = _weights(gm, node)
+    w_old = getattr(*_owner(gm, w_node.target))
+    b_old = getattr(*_owner(gm, b_node.target)) if b_node is not None else None
+    w_new = _to_torch(w64, w_old.dtype, "weights")
+    b_new = _to_torch(b64, (b_old if b_old is not None else w_old).dtype, "bias")
+    readers = _read_targets(gm)
+    prefix = w_node.target.rpartition(".")[0]
+    for arg, old_node, value in (("weight", w_node, w_new), ("bias", b_node, b_new)):
+        if (
+            old_node is not None
+            and readers.get(old_node.target, 0) == 1
+            and len(old_node.users) == 1
+        ):
+            _store(gm, old_node.target, value, param=_is_param(gm, old_node.target))
+            continue
+        base = old_node.target if old_node is not None else (f"{prefix}.bias" if prefix else "bias")
+        target = _fresh(gm, base)
+        param = _is_param(gm, old_node.target if old_node is not None else w_node.target)
+        _store(gm, target, value, param=param)
+        with gm.graph.inserting_before(node):
+            new_node = gm.graph.get_attr(target)
+        _set_arg(node, arg, new_node)
+
+
+def _set_arg(node: Any, name: str, value: Any) -> None:
+    """Set argument ``name`` (by schema) of an aten op node, positionally where it can be."""
+    idx = [a.name for a in node.target._schema.arguments].index(name)
+    if name in node.kwargs or idx > len(node.args):
+        node.update_kwarg(name, value)
+    elif idx == len(node.args):  # e.g. conv2d(x, w) without bias: bias is the third argument
+        node.args = (*node.args, value)
+    else:
+        node.args = (*node.args[:idx], value, *node.args[idx + 1 :])
+
+
+def _scale_shift(layer: BNLayer) -> tuple[np.ndarray, np.ndarray]:
+    if layer.running_mean is None or layer.running_var is None:
+        raise _Skip("no running statistics")
     return bn_scale_shift(
         layer.running_mean, layer.running_var, layer.weight, layer.bias, layer.eps
     )
 
 
-def _fold_one(gm: Any, layer: BNLayer, bn: Any) -> None:
-    out = _bn_output(bn)
-    if out is None:
-        raise _Skip("BN output not found in the graph")
-    s, t = _bn_scale_shift(layer)
-    args = op_args(bn)
+def _erase(gm: Any, call: BNCall) -> None:
+    """Erase the BN call's nodes once nothing reads them (reverse graph order)."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for node in sorted(call.region, key=order.__getitem__, reverse=True):
+        if not node.users:
+            gm.graph.erase_node(node)
+
+
+def _fold(gm: Any, layer: BNLayer, call: BNCall) -> None:
+    if call.output is None or call.input is None:
+        raise _Skip("BN input or output not found in the graph")
+    s, t = _scale_shift(layer)
     if layer.fold.into == "producer":
-        prod = args["input"]
-        kind = _kind(prod)
-        w_t, b_t, w, b = _layer_params(gm, prod)
-        groups = int(op_args(prod).get("groups", 1)) if kind != "Linear" else 1
-        w2, b2 = fold_into_producer(_np(w), _np(b), s, t, op=_NUMERICS_OP[kind], groups=groups)
-        _install(gm, prod, w_t, b_t, w2, b2, w)
-        out.replace_all_uses_with(prod)
+        prod = call.input
+        op, groups = _kind(prod)
+        w, b = (
+            getattr(*_owner(gm, n.target)) if n is not None else None for n in _weights(gm, prod)
+        )
+        w2, b2 = fold_into_producer(_f64(w), _f64(b), s, t, op=op, groups=groups)
+        _rewrite_weights(gm, prod, w2, b2)
+        call.output.replace_all_uses_with(prod)
     else:
-        cons = next(u for u in out.users if u.op == "call_function")
-        kind = _kind(cons)
-        w_t, b_t, w, b = _layer_params(gm, cons)
-        groups = int(op_args(cons).get("groups", 1)) if kind != "Linear" else 1
+        users = [u for u in call.output.users if u not in call.region]
+        if len(users) != 1:
+            raise _Skip(f"BN output feeds {len(users)} nodes")
+        cons = users[0]
+        op, groups = _kind(cons)
+        w, b = (
+            getattr(*_owner(gm, n.target)) if n is not None else None for n in _weights(gm, cons)
+        )
         try:
-            w2, b2 = fold_into_consumer(_np(w), _np(b), s, t, op=_NUMERICS_OP[kind], groups=groups)
+            w2, b2 = fold_into_consumer(_f64(w), _f64(b), s, t, op=op, groups=groups)
         except ValueError as exc:
             raise _Skip(str(exc)) from None
-        _install(gm, cons, w_t, b_t, w2, b2, w)
-        out.replace_all_uses_with(args["input"])
-    _erase_bn(gm, bn, layer.name)
+        _rewrite_weights(gm, cons, w2, b2)
+        cons.replace_input_with(call.output, call.input)
+    _erase(gm, call)
 
 
-def _erase_bn(gm: Any, bn: Any, name: str) -> None:
-    for user in list(bn.users):
-        if not user.users:
-            gm.graph.erase_node(user)
-    if not bn.users:
-        gm.graph.erase_node(bn)
-    gm.graph.eliminate_dead_code()
-    owner = gm.get_submodule(name) if name else gm
-    still_read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-    for leaf in _BN_PARAMS:
-        if hasattr(owner, leaf) and f"{name}.{leaf}" not in still_read:
-            delattr(owner, leaf)
-
-
-def _to_affine(gm: Any, layer: BNLayer, bn: Any) -> None:
-    """Replace an eval-mode BN op by ``x * s + t`` with (1, C, 1, …) constants."""
+def _to_affine(gm: Any, layer: BNLayer, calls: list[BNCall]) -> None:
+    """Replace every call of an inference-mode BN by ``x * scale + shift`` ((1, C, 1, …) tensors
+    stored as ``<layer>.affine_scale`` / ``<layer>.affine_shift``)."""
     import torch
 
-    out = _bn_output(bn)
-    x = op_args(bn)["input"]
-    rank = x.meta["val"].dim() if "val" in x.meta else None
-    if out is None or rank is None:
-        raise _Skip("input rank unknown")
-    s, t = _bn_scale_shift(layer)
-    dtype = x.meta["val"].dtype
-    shape = (1, len(s)) + (1,) * (rank - 2)
-    base = layer.name.replace(".", "_") or "bn"
-    s_t, t_t = f"{base}_affine_scale", f"{base}_affine_shift"
-    gm.register_buffer(s_t, torch.from_numpy(s.reshape(shape)).to(dtype))
-    gm.register_buffer(t_t, torch.from_numpy(t.reshape(shape)).to(dtype))
-    with gm.graph.inserting_after(out):
-        s_n = gm.graph.get_attr(s_t)
-    with gm.graph.inserting_after(s_n):
-        t_n = gm.graph.get_attr(t_t)
-    with gm.graph.inserting_after(t_n):
-        mul = gm.graph.call_function(torch.ops.aten.mul.Tensor, (x, s_n))
-    with gm.graph.inserting_after(mul):
-        add = gm.graph.call_function(torch.ops.aten.add.Tensor, (mul, t_n))
-    out.replace_all_uses_with(add)
-    _erase_bn(gm, bn, layer.name)
+    aten = torch.ops.aten
+    if not calls:
+        raise _Skip("BN not found in the graph")
+    for call in calls:
+        if call.input is None or call.output is None:
+            raise _Skip("BN input or output not found in the graph")
+        if call.node is not None and (
+            packet(call.node) in _TRAINING_OPS or op_args(call.node).get("training")
+        ):
+            raise _Skip("the graph normalizes with batch statistics")
+    val = calls[0].input.meta.get("val")
+    if not hasattr(val, "dim") or val.dim() < 2:
+        raise _Skip("BN input rank unknown")
+    s, t = _scale_shift(layer)
+    shape = (1, len(s)) + (1,) * (val.dim() - 2)
+    s_t = _to_torch(s.reshape(shape), val.dtype, "scale")
+    t_t = _to_torch(t.reshape(shape), val.dtype, "shift")
+    base = layer.name or "bn"
+    names = [_fresh(gm, f"{base}.affine_scale"), _fresh(gm, f"{base}.affine_shift")]
+    for name, value in zip(names, (s_t, t_t), strict=True):
+        _store(gm, name, value, param=False)
+    for call in calls:
+        with gm.graph.inserting_before(call.output):
+            s_n, t_n = gm.graph.get_attr(names[0]), gm.graph.get_attr(names[1])
+            mul = gm.graph.call_function(aten.mul.Tensor, (call.input, s_n))
+            add = gm.graph.call_function(aten.add.Tensor, (mul, t_n))
+        add.meta["val"] = call.output.meta.get("val")
+        call.output.replace_all_uses_with(add)
+        _erase(gm, call)
+
+
+def _local_call(nodes: dict[str, Any], call: BNCall) -> BNCall:
+    """The BNCall of the ExportedProgram's graph, in the unlifted copy (matched by node name)."""
+
+    def get(n: Any) -> Any:
+        if n is None:
+            return None
+        if n.name not in nodes:
+            raise _Skip(f"node '{n.name}' not found in the unlifted graph")
+        return nodes[n.name]
+
+    return BNCall(get(call.node), {get(n) for n in call.region}, get(call.input), get(call.output))
 
 
 def fold_graph(handle: Any, *, affine: bool = False) -> tuple[Any, list[FoldStep]]:
-    """Fold the BNs of a traced model; returns (new ExportedProgram, steps)."""
+    """Fold the BNs of a traced model as ``handle.info()`` decided; returns
+    (new ExportedProgram, one FoldStep per BN layer). The handle is not modified."""
+    info = handle.info()
+    view = GraphView(handle.exported)
+    calls = layer_calls(view, handle.format, handle.module)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # deepcopy of a GraphModule warns about pytree internals
+        gm = copy.deepcopy(handle.exported.module())
+    nodes = {n.name: n for n in gm.graph.nodes}
+    read_before = set(_read_targets(gm))
+    removed: list[str] = []
+    steps: list[FoldStep] = []
+    for layer in info.bn_layers:
+        reason = layer.fold.reason
+        try:
+            local = [_local_call(nodes, c) for c in calls.get(layer.name, [])]
+        except _Skip as exc:
+            steps.append(FoldStep(layer.name, None, None, str(exc)))
+            continue
+        if layer.fold.into is not None:
+            try:
+                _fold(gm, layer, local[0])
+                steps.append(FoldStep(layer.name, layer.fold.into, layer.fold.target))
+                removed.append(layer.name)
+                continue
+            except _Skip as exc:
+                reason = str(exc)
+        if affine:
+            try:
+                _to_affine(gm, layer, local)
+                steps.append(FoldStep(layer.name, "affine", None, reason))
+                removed.append(layer.name)
+                continue
+            except _Skip as exc:
+                reason = f"{reason}; not made affine: {exc}"
+        steps.append(FoldStep(layer.name, None, None, reason))
+    gm.graph.eliminate_dead_code()
+    _drop_dead_tensors(gm, read_before, removed)
+    gm.graph.lint()
+    gm.recompile()
+    return _reexport(handle, gm), steps
+
+
+def _drop_dead_tensors(gm: Any, read_before: set[str], removed: list[str]) -> None:
+    """Delete the tensors the fold left unread (the removed BNs' statistics and parameters,
+    replaced weights), so the re-exported program does not carry them."""
+    for n in list(gm.graph.nodes):
+        if n.op == "get_attr" and not n.users:
+            gm.graph.erase_node(n)
+    read_after = set(_read_targets(gm))
+    dead = read_before - read_after
+    dead |= {f"{name}.{k}" if name else k for name in removed for k in _BN_TENSORS}
+    for fqn in dead - read_after:
+        _delete(gm, fqn)
+
+
+def _reexport(handle: Any, gm: Any) -> Any:
     import torch
 
     from bncheck.backends.torch.load import quiet_torch
 
-    info = handle.info()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # deepcopy of a GraphModule warns about pytree internals
-        gm = copy.deepcopy(handle.exported.module())
-    nodes = _bn_nodes(gm)
-    steps: list[FoldStep] = []
-    for layer in info.bn_layers:
-        bn = nodes.get(layer.name)
-        reason = None
-        if layer.training:
-            reason = "BN is in training mode"
-        elif bn is None:
-            reason = layer.fold.reason or "BN op not found in the graph"
-        elif not layer.fold.foldable:
-            reason = layer.fold.reason
-        else:
-            try:
-                _fold_one(gm, layer, bn)
-                steps.append(FoldStep(layer.name, layer.fold.into, layer.fold.target))
-                continue
-            except _Skip as exc:
-                reason = str(exc)
-        if affine and bn is not None and not layer.training and layer.running_var is not None:
-            try:
-                _to_affine(gm, layer, bn)
-                steps.append(FoldStep(layer.name, "affine", None, reason))
-                continue
-            except _Skip:
-                pass
-        steps.append(FoldStep(layer.name, None, None, reason))
-    gm.graph.lint()
-    gm.recompile()
-    example = _batch2(handle.example_inputs)
-    dynamic = _dynamic_shapes(handle, example)
+    example, dynamic = _export_inputs(handle)
     with quiet_torch():
-        try:
-            ep = torch.export.export(gm, example, dynamic_shapes=dynamic, strict=False)
-        except Exception:  # a model that pins its batch size: keep the traced shapes
-            ep = torch.export.export(gm, tuple(handle.example_inputs), strict=False)
-    return ep, steps
+        if dynamic is not None:
+            try:
+                return torch.export.export(gm, example, dynamic_shapes=dynamic, strict=False)
+            except Exception:  # the rewrite pinned a dim: fall back to the traced shapes
+                pass
+        return torch.export.export(gm, tuple(handle.example_inputs), strict=False)
 
 
-def _batch2(example: tuple[Any, ...]) -> tuple[Any, ...]:
-    """Example inputs with batch 2, so a dynamic batch dim does not specialize to 1."""
+def _export_inputs(handle: Any) -> tuple[tuple[Any, ...], Any]:
+    """Example inputs and ``dynamic_shapes`` reproducing each symbolic dim of the source
+    program's user inputs with its own range (one ``Dim`` per distinct symbol). A dynamic
+    dim whose example size is 1 is doubled in the example, so export does not specialize it."""
     import torch
 
-    out = []
-    for x in example:
-        if hasattr(x, "shape") and x.dim() > 0 and x.shape[0] == 1:
-            x = torch.cat([x, x], dim=0)
-        out.append(x)
-    return tuple(out)
+    ep = handle.exported
+    example = list(handle.example_inputs)
+    placeholders = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
+    vals = [placeholders[n].meta.get("val") for n in ep.graph_signature.user_inputs]
+    dims: dict[str, Any] = {}
+    spec: list[Any] = []
+    for i, (x, val) in enumerate(zip(example, vals, strict=False)):
+        if not hasattr(val, "shape") or not hasattr(x, "shape"):
+            spec.append(None)
+            continue
+        entry = {}
+        for axis, d in enumerate(val.shape):
+            if isinstance(d, int) or not hasattr(d, "node"):
+                continue
+            key = str(d.node.expr)
+            if key not in dims:
+                rng = ep.range_constraints.get(d.node.expr)
+                lo = max(int(rng.lower), 1) if rng is not None else 1
+                hi = _finite(rng.upper) if rng is not None else None
+                name = "batch" if not dims else f"dim{len(dims)}"
+                dim = torch.export.Dim(name, min=lo, max=hi) if hi else torch.export.Dim(
+                    name, min=lo
+                )  # fmt: skip
+                dims[key] = (dim, hi)
+            dim, hi = dims[key]
+            entry[axis] = dim
+            if x.shape[axis] == 1 and (hi is None or hi >= 2):
+                x = torch.cat([x, x], dim=axis)
+        example[i] = x
+        spec.append(entry or None)
+    if not dims:
+        return tuple(example), None
+    return tuple(example), tuple(spec)
 
 
-def _dynamic_shapes(handle: Any, example: tuple[Any, ...]) -> Any:
-    """A dynamic batch dim for each input: the source program's own range for a .pt2 (whose
-    graph guards it), an open range for a model traced here from one example."""
-    import torch
+def _finite(bound: Any) -> int | None:
+    """An upper range bound as int; None for torch's ``int_oo`` (whose ``is_finite`` is True)."""
+    try:
+        value = int(bound)
+    except (TypeError, ValueError, OverflowError, AttributeError):
+        return None
+    return value if value < 2**62 else None
 
-    lo, hi = 1, None
-    if handle.format == "pt2":
-        ep = handle.exported
-        vals = [n.meta.get("val") for n in ep.graph.nodes if n.op == "placeholder"]
-        user = [
-            v
-            for n, v in zip(ep.graph.nodes, vals, strict=False)
-            if n.name in ep.graph_signature.user_inputs
-        ]
-        dims = [v.shape[0] for v in user if v is not None and v.dim() > 0]
-        if not dims or all(isinstance(d, int) for d in dims):
-            return None  # the source pins its batch size
-        rng = ep.range_constraints.get(dims[0].node.expr)
-        if rng is not None:
-            lo = int(rng.lower)
-            hi = None if not rng.upper.is_finite else int(rng.upper)
-    batch = torch.export.Dim("batch", min=lo, max=hi) if hi else torch.export.Dim("batch", min=lo)
-    return tuple({0: batch} if hasattr(x, "dim") and x.dim() > 0 else None for x in example)
+
+# --------------------------------------------------------------------------- eager fallback
 
 
 def fold_eager(handle: Any) -> tuple[Any, list[FoldStep]]:
-    """Fold the Conv/Linear→BN pairs the module tree shows safe, in a deep copy of the module."""
+    """Fold the Conv/Linear→BN pairs the module tree shows safe (``eager_pairs``, the decision
+    ``inspect`` reports for an untraceable model) in an eval-mode deep copy: the producer gets
+    ``W' = s·W``, ``b' = s·b + t`` and the BN becomes ``nn.Identity``."""
     import torch
 
     info = handle.info()
@@ -322,23 +437,25 @@ def fold_eager(handle: Any) -> tuple[Any, list[FoldStep]]:
     steps: list[FoldStep] = []
     for layer in info.bn_layers:
         prod = pairs.get(layer.name, (None, None))[0]
-        if not layer.fold.foldable or prod is None or layer.training:
+        if layer.fold.into != "producer" or prod is None:
             steps.append(FoldStep(layer.name, None, None, layer.fold.reason or "not foldable"))
             continue
         conv = module.get_submodule(prod.name)
-        kind = {"Linear": "linear", "ConvTranspose": "conv_transpose"}.get(prod.op, "conv")
-        s, t = _bn_scale_shift(layer)
-        w2, b2 = fold_into_producer(
-            _np(conv.weight), _np(conv.bias), s, t, op=kind, groups=getattr(conv, "groups", 1)
-        )
-        w_new, over_w = cast_checked(w2, _np_dtype(conv.weight))
-        b_new, over_b = cast_checked(b2, _np_dtype(conv.weight))
-        if over_w or over_b:
-            steps.append(FoldStep(layer.name, None, None, "folded weights overflow"))
+        op = {"Linear": "linear", "ConvTranspose": "conv_transpose"}.get(prod.op, "conv")
+        try:
+            s, t = _scale_shift(layer)
+            w2, b2 = fold_into_producer(
+                _f64(conv.weight), _f64(conv.bias), s, t, op=op, groups=getattr(conv, "groups", 1)
+            )
+            w_new = _to_torch(w2, conv.weight.dtype, "weights")
+            b_dtype = (conv.bias if conv.bias is not None else conv.weight).dtype
+            b_new = _to_torch(b2, b_dtype, "bias")
+        except _Skip as exc:
+            steps.append(FoldStep(layer.name, None, None, str(exc)))
             continue
-        dtype = conv.weight.dtype
-        conv.weight = torch.nn.Parameter(torch.from_numpy(w_new).to(dtype), requires_grad=False)
-        conv.bias = torch.nn.Parameter(torch.from_numpy(b_new).to(dtype), requires_grad=False)
+        # New Parameters: the source module's tensors are never written to.
+        conv.weight = torch.nn.Parameter(w_new, requires_grad=False)
+        conv.bias = torch.nn.Parameter(b_new, requires_grad=False)
         parent, _, leaf = layer.name.rpartition(".")
         setattr(module.get_submodule(parent) if parent else module, leaf, torch.nn.Identity())
         steps.append(FoldStep(layer.name, "producer", prod.name))

@@ -48,10 +48,22 @@ def _write(path: Path, writer: Callable[[Path], None], what: str) -> None:
         raise InputError(f"{path}: cannot write {what} ({exc.strerror or exc})") from None
 
 
+def _buffered(path: Path, dump: Callable[[io.BytesIO], None]) -> None:
+    """Serialize into memory, then write the bytes with Python I/O. torch's zip writer, writing
+    to a path itself, turns a failed write (disk full, EFBIG) into a C++ error whose destructor
+    aborts the process; a Python ``write`` raises OSError instead."""
+    buf = io.BytesIO()
+    dump(buf)
+    with open(path, "wb") as f:
+        f.write(buf.getbuffer())
+
+
 def save_pt2(ep: Any, path: Path) -> None:
+    """``torch.export.save``: weights stored raw, no pickled payload, so bncheck's own .pt2
+    validation (``load.validate_pt2``) accepts the file."""
     import torch
 
-    _write(path, lambda tmp: torch.export.save(ep, str(tmp)), "the .pt2")
+    _write(path, lambda tmp: _buffered(tmp, lambda buf: torch.export.save(ep, buf)), "the .pt2")
 
 
 def save_onnx_from_program(ep: Any, path: Path, output_names: list[str] | None = None) -> None:
@@ -84,19 +96,62 @@ def save_onnx_from_program(ep: Any, path: Path, output_names: list[str] | None =
 
 
 def save_state_dict(module: Any, path: Path) -> None:
+    """``torch.save(module.state_dict())``: the keys the ``--arch`` factory loads."""
     import torch
 
-    _write(path, lambda tmp: torch.save(module.state_dict(), str(tmp)), "the state dict")
+    state = module.state_dict()
+    _write(path, lambda tmp: _buffered(tmp, lambda buf: torch.save(state, buf)), "the state dict")
 
 
 def save_safetensors(module: Any, path: Path) -> None:
+    """The state dict as safetensors (tensors made contiguous; tied tensors written once each
+    under every name, as ``save_file`` requires no shared storage)."""
     from safetensors.torch import save_file
 
-    state = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
+    state = {k: v.detach().contiguous().clone() for k, v in module.state_dict().items()}
     _write(path, lambda tmp: save_file(state, str(tmp)), "the safetensors file")
 
 
 def save_pickle(module: Any, path: Path) -> None:
+    """``torch.save(module)``: a whole pickled module (loads only with --trust-pickle)."""
     import torch
 
-    _write(path, lambda tmp: torch.save(module, str(tmp)), "the model")
+    _write(path, lambda tmp: _buffered(tmp, lambda buf: torch.save(module, buf)), "the model")
+
+
+FORMATS = ("pt2", "onnx", "state_dict", "safetensors", "pickle")
+
+
+def save_torch(model: Any, path: Path, fmt: str) -> None:
+    """Write ``model`` (a TorchHandle, an ``nn.Module`` or an ExportedProgram) to ``path`` as
+    ``fmt`` (one of ``FORMATS``), atomically.
+
+    ``pt2`` / ``onnx`` need a traced program (a handle's ``exported`` or an ExportedProgram);
+    ``state_dict`` / ``safetensors`` / ``pickle`` need a module.
+    """
+    path = Path(path)
+    ep = module = None
+    if hasattr(model, "graph_signature"):
+        ep = model
+    elif hasattr(model, "framework") and hasattr(model, "module"):
+        module = model.module
+        ep = model.exported if fmt in ("pt2", "onnx") else None
+        if fmt in ("pt2", "onnx") and ep is None:
+            raise InputError(f"{path}: cannot write {fmt}: {model.graph_error}")
+    else:
+        module = model
+    if fmt in ("pt2", "onnx"):
+        if ep is None:
+            raise InputError(f"{path}: cannot write {fmt} from an untraced module")
+        (save_pt2 if fmt == "pt2" else save_onnx_from_program)(ep, path)
+        return
+    writers = {
+        "state_dict": save_state_dict,
+        "safetensors": save_safetensors,
+        "pickle": save_pickle,
+    }
+    if fmt not in writers:
+        raise InputError(f"{path}: cannot write a PyTorch model as {fmt!r}")
+    if module is None or not hasattr(module, "state_dict") or hasattr(module, "graph_signature"):
+        raise InputError(f"{path}: cannot write {fmt}: no module")
+    writers[fmt](module, path)
