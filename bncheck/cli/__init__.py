@@ -257,17 +257,17 @@ def main(argv: list[str] | None = None) -> None:
         usage_only = False
     from bncheck.interrupt import interruptible
 
+    interrupted_said = False
     try:
         with interruptible():  # Ctrl-C also stops an onnxruntime run in flight
             rv = command.main(args=args, prog_name="bncheck", standalone_mode=False)
         code = rv if isinstance(rv, int) else ExitCode.OK
     except typer.Exit as exc:
         code = exc.exit_code
-        if code == ExitCode.INTERRUPTED:  # typer turns KeyboardInterrupt into Exit(130)
-            print("bncheck: interrupted", file=sys.stderr)
     except (typer.Abort, KeyboardInterrupt):
         print("bncheck: interrupted", file=sys.stderr)
         code = ExitCode.INTERRUPTED
+        interrupted_said = True
     except typer.TyperException as exc:  # usage errors: bad option, missing argument
         print(f"bncheck: error: {exc.format_message()}", file=sys.stderr)
         code = ExitCode.ERROR
@@ -286,6 +286,9 @@ def main(argv: list[str] | None = None) -> None:
             file=sys.stderr,
         )
         code = ExitCode.ERROR
+    if code == ExitCode.INTERRUPTED and not interrupted_said:
+        # typer turns KeyboardInterrupt into Exit(130), returned (not raised) without a word.
+        print("bncheck: interrupted", file=sys.stderr)
     sys.stdout.flush()
     # A bare `bncheck` is a usage error (help, then 2), as with ruff.
     sys.exit(int(ExitCode.ERROR if usage_only else code))

@@ -66,9 +66,11 @@ class OnnxHandle(ModelHandle):
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """All graph outputs for ``feeds`` (input name → array), in graph output order."""
+        from bncheck.interrupt import run_session
+
         session = self.session()
         try:
-            return list(session.run(None, feeds))
+            return list(run_session(session, None, feeds))  # Ctrl-C stops it mid-run
         except Exception as exc:
             raise InputError(f"{self.path}: onnxruntime run failed: {ort_message(exc)}") from None
 
