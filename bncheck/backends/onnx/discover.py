@@ -58,7 +58,8 @@ def _validate_bn(index: GraphIndex, facts: BNFacts) -> None:
     arrays = dict(zip(("scale", "bias", "mean", "var"),
                       (facts.scale, facts.bias, facts.mean, facts.var), strict=True))  # fmt: skip
     for what, arr in arrays.items():
-        if arr is not None and arr.dtype.kind != "f":
+        # bfloat16 (ml_dtypes) has numpy kind "V": judge by name.
+        if arr is not None and not arr.dtype.name.startswith(("float", "bfloat")):
             raise InputError(
                 f"{index.source}: BatchNormalization '{label}' {what} is {arr.dtype.name}; "
                 "the ONNX spec requires a float tensor"
