@@ -36,10 +36,18 @@ def recalibrate(
     ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="batch size (≥ 16 advised)")] = 32,
     max_samples: Annotated[
-        int, typer.Option("--max-samples", help="use at most this many samples")
+        int,
+        typer.Option(
+            "--max-samples",
+            help="use at most this many samples (10^3–10^4 is enough for precise BN)",
+        ),
     ] = 4096,
-    max_batches: Annotated[int | None, typer.Option("--max-batches")] = None,
-    mode: Annotated[str, typer.Option("--mode", help="exact (population) | ema")] = "exact",
+    max_batches: Annotated[
+        int | None, typer.Option("--max-batches", help="use at most this many batches")
+    ] = None,
+    mode: Annotated[
+        str, typer.Option("--mode", help="exact (population statistics) | ema (moving average)")
+    ] = "exact",
     momentum: Annotated[
         float | None, typer.Option("--momentum", help="EMA momentum (PyTorch convention)")
     ] = None,
@@ -60,10 +68,12 @@ def recalibrate(
 ) -> None:
     """Replace BN running statistics by exact population statistics of the data.
 
-    Runs under `torchrun --nproc_per_node N -m bncheck recalibrate …` too: each process reads
-    its own shard and rank 0 writes.
+    Mean and unbiased variance of each BN's input over the data (BNs in batch-statistics mode).
+
+    Written in MODEL's format after the pass. torchrun --nproc_per_node N -m bncheck … shards it.
     """
     from bncheck import api
+    from bncheck.distributed import world
     from bncheck.report import recalibrate as rep
 
     opts = common(
@@ -88,8 +98,8 @@ def recalibrate(
             progress=progress,
             **opts.open_options,
         )
-    if result.world_size > 1 and result.output is None:
-        raise typer.Exit(ExitCode.OK)  # ranks > 0: rank 0 reports
+    if world()[0] != 0:
+        raise typer.Exit(ExitCode.OK)  # under torchrun rank 0 reports
     if opts.format == "json":
         emit(rep.to_json(result))
     elif opts.format == "github":

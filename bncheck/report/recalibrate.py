@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from bncheck.api._recalibrate import RecalibrateResult
+from bncheck.api._recalibrate import SETTLED, RecalibrateResult
 from bncheck.report import dump_json, md_escape
 
 SCHEMA = "bncheck.recalibrate/1"
@@ -53,6 +53,8 @@ def to_json(r: RecalibrateResult) -> str:
         "batches": r.batches,
         "batch_size": r.batch_size,
         "world_size": r.world_size,
+        "running_var": "unbiased",  # M2/(n-1), PyTorch's convention, for ONNX too
+        "settled_threshold": SETTLED,
         "accuracy_before": r.accuracy_before,
         "accuracy_after": r.accuracy_after,
         "layers": [
@@ -87,7 +89,7 @@ def render_text(r: RecalibrateResult, console: Console) -> None:
         change = (
             "—"
             if x.mean_change is None
-            else f"{x.mean_change:.3f} / {x.var_change:.3f}" + ("" if x.converged else " ⚠")
+            else f"{x.mean_change:.3f} / {x.var_change:.3f}" + ("" if x.converged else " !")
         )
         table.add_row(origin.get(x.name) or x.name, _score(x.before), _score(x.after), change)
     console.print(table)

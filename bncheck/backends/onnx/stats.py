@@ -1,21 +1,26 @@
 """Statistics glue for ONNX models: BN input moments per batch, and new running statistics.
 
-``moment_runner`` runs a *copy* of the graph in which every BatchNormalization input is also a
-graph output, so the layer's input comes out of onnxruntime with the model's own outputs and
-its per-channel moments are computed in numpy (``bncheck.numerics.Moments``, float64).
+Inference mode (``batch_stats=False``): the runner runs a *copy* of the graph in which every
+BatchNormalization input is also a graph output; its per-channel moments are computed in numpy
+(``Moments.from_batch``, float64).
 
-With ``batch_stats`` every BatchNormalization of the copy is replaced by explicit ops that
-normalize with the statistics of the current batch, as in training (``x`` of shape
-``N×C×…`` viewed as ``N×C×L``)::
+Batch statistics (``batch_stats=True``): every BatchNormalization of the copy is replaced by
+explicit ops that normalize with the statistics of the current batch, as in training —
+PyTorch's training-mode ``F.batch_norm`` — while every other node runs as written (Dropout in
+inference mode). With the input ``x`` (N×C×…) viewed as N×C×L, per sample n and channel c::
 
-    μ = ReduceMean(x, axes=[0, 2])          σ² = ReduceMean((x − μ)², axes=[0, 2])   (biased)
-    y = (x − μ) · (γ / √(σ² + ε)) + β
+    m_nc = ReduceMean_L(x)              v_nc = ReduceSumSquare_L(x − m_nc) / L
+    μ_c  = mean_n(m_nc)                 σ²_c = mean_n(v_nc) + mean_n((m_nc − μ_c)²)   (biased)
+    y    = (x − m_nc)·k_c + ((m_nc − μ_c)·k_c + β_c),   k_c = γ_c/√(σ²_c + ε)
 
-— PyTorch's training-mode ``F.batch_norm`` — while every other node runs as written (Dropout in
-inference mode). This does not rely on ``training_mode=1``, which onnxruntime's inference
-builds and older opsets do not all support; the running statistics are never touched. float16 /
-bfloat16 inputs are normalized in float32 and cast back (onnxruntime's CPU ReduceMean has no
-half kernels). Never imports torch.
+(equal counts per sample make σ² exact). The tiny N×C tensors ``m`` and ``v`` are graph outputs,
+so the activation never leaves onnxruntime; numpy merges them in float64 with Chan's formula
+for equal counts: ``mean_c = Σ_n m_nc/N``, ``M2_c = L·Σ_n v_nc + L·Σ_n (m_nc − mean_c)²``,
+``count = N·L``. The per-sample sums are float32 in onnxruntime: about 1e-7 relative after the
+merge. This does not rely on ``training_mode=1``, which onnxruntime's inference builds and older
+opsets do not all support; the running statistics are never touched. float16 / bfloat16 inputs
+are normalized in float32 and cast back (onnxruntime's CPU reductions have no half kernels).
+Never imports torch.
 """
 
 from __future__ import annotations
@@ -95,8 +100,9 @@ def _const(fresh: _Fresh, base: str, value: np.ndarray) -> tuple[onnx.NodeProto,
 
 def _batch_stats_nodes(
     model: onnx.ModelProto, node: onnx.NodeProto, fresh: _Fresh, source: str
-) -> list[onnx.NodeProto]:
-    """Nodes computing ``node``'s output with batch statistics (formula in the module doc)."""
+) -> tuple[list[onnx.NodeProto], tuple[str, str, str]]:
+    """Nodes computing ``node``'s output with batch statistics (formulas in the module doc),
+    and the names of its per-sample moments ``m``, ``v`` (N×C×1) and of the N×C×L shape."""
     opset = opset_version(model) or 1
     label = node_label(node)
     if attr(node, "spatial", 1) == 0:
@@ -127,37 +133,45 @@ def _batch_stats_nodes(
         t = _elem_type(model, name) or x_type
         return name if t == work else add("Cast", [name], to=work)
 
-    def mean_02(t: str) -> str:
-        if opset >= 18:
-            return add("ReduceMean", [t, const("axes", np.array([0, 2], np.int64))], keepdims=1)
-        return add("ReduceMean", [t], axes=[0, 2], keepdims=1)
+    def reduce(op: str, t: str, axis: int) -> str:
+        if opset >= 18:  # axes moved from attribute to input
+            return add(op, [t, const(f"axis{axis}", np.array([axis], np.int64))], keepdims=1)
+        return add(op, [t], axes=[axis], keepdims=1)
 
     shape = add("Shape", [x])
     x3 = add("Reshape", [as_work(x), const("ncl", np.array([0, 0, -1], np.int64))])
-    mu = mean_02(x3)  # 1×C×1
-    d = add("Sub", [x3, mu])
-    var = mean_02(add("Mul", [d, d]))
+    shape3 = add("Shape", [x3])
+    length = add("Cast", [add("Gather", [shape3, const("two", np.array(2, np.int64))])], to=work)
+    m = reduce("ReduceMean", x3, 2)  # N×C×1
+    d = add("Sub", [x3, m])
+    v = add("Div", [reduce("ReduceSumSquare", d, 2), length])  # N×C×1
+    mu = reduce("ReduceMean", m, 0)  # 1×C×1
+    dm = add("Sub", [m, mu])
+    var = add("Add", [reduce("ReduceMean", v, 0), reduce("ReduceMean", add("Mul", [dm, dm]), 0)])
     std = add("Sqrt", [add("Add", [var, const("eps", np.array(eps, np_work))])])
     col = const("col", np.array([-1, 1], np.int64))
     k = add("Div", [add("Reshape", [as_work(scale), col]), std])  # γ/√(σ²+ε), 1×C×1
-    y3 = add("Add", [add("Mul", [d, k]), add("Reshape", [as_work(bias), col])])
+    offset = add("Add", [add("Mul", [dm, k]), add("Reshape", [as_work(bias), col])])  # N×C×1
+    y3 = add("Add", [add("Mul", [d, k]), offset])
     if work == x_type:
         nodes.append(helper.make_node("Reshape", [y3, shape], [y], name=fresh(f"{p}_out")))
     else:
-        nodes.append(
-            helper.make_node("Cast", [add("Reshape", [y3, shape])], [y], name=fresh(f"{p}_out"),
-                             to=x_type)  # fmt: skip
+        cast = helper.make_node(
+            "Cast", [add("Reshape", [y3, shape])], [y], name=fresh(f"{p}_out"), to=x_type
         )
-    return nodes
+        nodes.append(cast)
+    return nodes, (m, v, shape3)
 
 
-def batch_stats_model(model: onnx.ModelProto, source: str = "model") -> onnx.ModelProto:
-    """A copy of ``model`` whose BatchNormalization nodes normalize with batch statistics."""
+def _rewrite(
+    model: onnx.ModelProto, source: str
+) -> tuple[onnx.ModelProto, list[tuple[str, tuple[str, str, str]]]]:
     out = copy.deepcopy(model)
     g = out.graph
     fresh = _Fresh(out)
     used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
     nodes: list[onnx.NodeProto] = []
+    taps: list[tuple[str, tuple[str, str, str]]] = []
     for node in g.node:
         if not (node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx")):
             nodes.append(node)
@@ -167,34 +181,56 @@ def batch_stats_model(model: onnx.ModelProto, source: str = "model") -> onnx.Mod
                 f"{source}: BN '{node_label(node)}' is exported in training mode and its "
                 "running-statistics outputs are used; export the model in eval mode"
             )
-        nodes.extend(_batch_stats_nodes(out, node, fresh, source))
+        new, names = _batch_stats_nodes(out, node, fresh, source)
+        nodes.extend(new)
+        taps.append((node_label(node), names))
     del g.node[:]
     g.node.extend(nodes)
-    return out
+    return out, taps
+
+
+def batch_stats_model(model: onnx.ModelProto, source: str = "model") -> onnx.ModelProto:
+    """A copy of ``model`` whose BatchNormalization nodes normalize with batch statistics."""
+    return _rewrite(model, source)[0]
+
+
+def _merge_samples(m: np.ndarray, v: np.ndarray, shape3: np.ndarray) -> Moments:
+    """Moments of a batch from per-sample means ``m`` and biased variances ``v`` (N×C×1) of
+    ``L = shape3[2]`` values each (formula in the module doc), in float64."""
+    n, length = int(shape3[0]), int(shape3[2])
+    m64 = np.asarray(m, np.float64).reshape(n, -1)
+    v64 = np.asarray(v, np.float64).reshape(n, -1)
+    if n == 0 or length == 0:
+        return Moments.empty(m64.shape[1])
+    mean = m64.mean(axis=0)
+    m2 = length * (v64.sum(axis=0) + ((m64 - mean) ** 2).sum(axis=0))
+    return Moments(n * length, mean, m2)
 
 
 def moment_runner(handle: Any, *, batch_stats: bool) -> MomentRunner:
-    """One batch in → (model outputs, {BN layer name: Moments of its input}).
-
-    Per layer, ``Moments.from_batch(x, channel_axis=1)`` of its input ``x`` (float64), merged
-    over every BN node of that name.
-    """
+    """One batch in → (model outputs, {BN layer name: Moments of its input}), merged over
+    every BN node of that name; how the moments are computed is in the module doc."""
     from bncheck.backends.onnx.run import make_session
 
     source = str(handle.path)
-    model = batch_stats_model(handle.model, source) if batch_stats else copy.deepcopy(handle.model)
+    if batch_stats:
+        model, taps = _rewrite(handle.model, source)
+    else:
+        model, taps = copy.deepcopy(handle.model), []
     g = model.graph
     n_outputs = len(g.output)
     produced = {o for n in g.node for o in n.output if o}
     fresh = _Fresh(model)
-    watched: dict[str, list[str]] = {}  # tensor → BN layer names reading it
-    for node in _bn_nodes(handle.model):
-        watched.setdefault(node.input[0], []).append(node_label(node))
+    watched: dict[str, list[str]] = {}  # inference mode: tensor → BN layer names reading it
+    if not batch_stats:
+        for node in _bn_nodes(handle.model):
+            watched.setdefault(node.input[0], []).append(node_label(node))
     existing = {o.name for o in g.output}
     fetch: dict[str, str] = {}  # tensor → graph output carrying it
-    for t in watched:
-        if t in existing:
-            fetch[t] = t
+    wanted = list(watched) + [t for _, names in taps for t in names]
+    for t in wanted:
+        if t in existing or t in fetch:
+            fetch.setdefault(t, t)
         elif t in produced:
             g.output.append(helper.make_empty_tensor_value_info(t))
             fetch[t] = t
@@ -208,17 +244,25 @@ def moment_runner(handle: Any, *, batch_stats: bool) -> MomentRunner:
     index = {name: i for i, name in enumerate(out_names)}
 
     def run(feeds: Mapping[str, np.ndarray]) -> tuple[list[np.ndarray], dict[str, Moments]]:
+        from bncheck.interrupt import run_session
+
         try:
-            values = session.run(out_names, dict(feeds))
+            values = run_session(session, out_names, feeds)  # Ctrl-C stops it mid-run
         except Exception as exc:
             from bncheck.backends.onnx.run import ort_message
 
             raise InputError(f"{source}: onnxruntime run failed: {ort_message(exc)}") from None
         moments: dict[str, Moments] = {}
+
+        def add(layer: str, m: Moments) -> None:
+            moments[layer] = moments[layer] + m if layer in moments else m
+
         for tensor, layers in watched.items():
             m = Moments.from_batch(values[index[fetch[tensor]]], channel_axis=1)
             for layer in layers:
-                moments[layer] = moments[layer] + m if layer in moments else m
+                add(layer, m)
+        for layer, names in taps:
+            add(layer, _merge_samples(*(values[index[fetch[t]]] for t in names)))
         return list(values[:n_outputs]), moments
 
     return run
