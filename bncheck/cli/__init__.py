@@ -286,9 +286,18 @@ def main(argv: list[str] | None = None) -> None:
             file=sys.stderr,
         )
         code = ExitCode.ERROR
-    if code == ExitCode.INTERRUPTED and not interrupted_said:
-        # typer turns KeyboardInterrupt into Exit(130), returned (not raised) without a word.
-        print("bncheck: interrupted", file=sys.stderr)
+    if code == ExitCode.INTERRUPTED:
+        if not interrupted_said:
+            # typer turns KeyboardInterrupt into Exit(130), returned (not raised) silently.
+            print("bncheck: interrupted", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        if argv is None:  # the real program, not a caller embedding main()
+            # An onnxruntime run stopped by its terminate flag can leave native threads that
+            # abort the process during interpreter shutdown ("terminate called without an
+            # active exception"). Writes are atomic and their temp files are already gone, so
+            # leave without running finalizers.
+            os._exit(int(ExitCode.INTERRUPTED))
     sys.stdout.flush()
     # A bare `bncheck` is a usage error (help, then 2), as with ruff.
     sys.exit(int(ExitCode.ERROR if usage_only else code))

@@ -339,11 +339,6 @@ def test_ctrl_c_between_batches(slow, tmp_path, command):
     assert files(tmp_path) == set()  # no output, no temporary file
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="needs bncheck.interrupt.run_session in the ONNX batch loop (lead integrates): "
-    "a plain session.run only returns when the whole batch is done",
-)
 def test_ctrl_c_inside_one_long_onnx_run(slow, tmp_path):
     """One batch of 2048 samples (~10 s in a single session.run): Ctrl-C must still end the
     run within 2 s, through onnxruntime's terminate flag."""
