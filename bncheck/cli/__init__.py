@@ -182,6 +182,21 @@ def console() -> Console:
     return Console(highlight=False, soft_wrap=False, width=width)
 
 
+def render(rep: Any, result: Any, opts: Common, **text_options: Any) -> None:
+    """Print ``result`` in the chosen format with its report module ``rep`` (each report module
+    has ``to_json``, ``render_github``, ``render_markdown``, ``summary_line``, ``render_text``)."""
+    if opts.format == "json":
+        emit(rep.to_json(result))
+    elif opts.format == "github":
+        emit(rep.render_github(result))
+    elif opts.format == "markdown":
+        emit(rep.render_markdown(result))
+    elif opts.quiet:
+        emit(rep.summary_line(result))
+    else:
+        rep.render_text(result, console(), **text_options)
+
+
 def emit(text: str) -> None:
     sys.stdout.write(text if text.endswith("\n") else text + "\n")
 

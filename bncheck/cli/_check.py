@@ -21,10 +21,9 @@ from bncheck.cli import (
     VerboseOpt,
     app,
     common,
-    console,
-    emit,
     exit_code_for,
     progress_bar,
+    render,
 )
 
 
@@ -106,14 +105,5 @@ def check(
         written = check_html.write_html(result, report)
         if not opts.quiet:
             print(f"bncheck: wrote {written}", file=sys.stderr)
-    if opts.format == "json":
-        emit(rep.to_json(result))
-    elif opts.format == "github":
-        emit(rep.render_github(result))
-    elif opts.format == "markdown":
-        emit(rep.render_markdown(result))
-    elif opts.quiet:
-        emit(rep.summary_line(result))
-    else:
-        rep.render_text(result, console(), verbose=opts.verbose)
+    render(rep, result, opts, verbose=opts.verbose)
     raise typer.Exit(exit_code_for(result.findings, opts.fail_on))

@@ -17,8 +17,7 @@ from bncheck.cli import (
     VerboseOpt,
     app,
     common,
-    console,
-    emit,
+    render,
 )
 from bncheck.errors import ExitCode
 
@@ -78,14 +77,5 @@ def fold(
         in_place=in_place,
         **opts.open_options,
     )
-    if opts.format == "json":
-        emit(rep.to_json(result))
-    elif opts.format == "github":
-        emit(rep.render_github(result))
-    elif opts.format == "markdown":
-        emit(rep.render_markdown(result))
-    elif opts.quiet:
-        emit(rep.summary_line(result))
-    else:
-        rep.render_text(result, console())
+    render(rep, result, opts)
     raise typer.Exit(ExitCode.OK if result.passed else ExitCode.FINDINGS)

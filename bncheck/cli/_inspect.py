@@ -23,6 +23,7 @@ from bncheck.cli import (
     console,
     emit,
     exit_code_for,
+    render,
 )
 from bncheck.errors import InputError
 
@@ -51,16 +52,7 @@ def inspect(
         fmt, fail_on, select, ignore, arch, arch_kwargs, trust_pickle, input_shape, verbose, quiet
     )
     result = api.inspect(model, select=opts.select, ignore=opts.ignore, **opts.open_options)
-    if opts.format == "json":
-        emit(rep.to_json(result))
-    elif opts.format == "github":
-        emit(rep.render_github(result))
-    elif opts.format == "markdown":
-        emit(rep.render_markdown(result))
-    elif opts.quiet:
-        emit(rep.summary_line(result))
-    else:
-        rep.render_text(result, console(), verbose=opts.verbose)
+    render(rep, result, opts, verbose=opts.verbose)
     raise typer.Exit(exit_code_for(result.findings, opts.fail_on))
 
 

@@ -21,8 +21,6 @@ from bncheck.cli import (
     VerboseOpt,
     app,
     common,
-    console,
-    emit,
     exit_code_for,
 )
 from bncheck.cli._bench import (
@@ -32,6 +30,7 @@ from bncheck.cli._bench import (
     ThreadsOpt,
     parse_batch_sizes,
     progress_bar,
+    render,
 )
 from bncheck.errors import ExitCode
 
@@ -108,16 +107,7 @@ def optimize(
             progress=progress,
             **opts.open_options,
         )
-    if opts.format == "json":
-        emit(rep.to_json(result))
-    elif opts.format == "github":
-        emit(rep.render_github(result))
-    elif opts.format == "markdown":
-        emit(rep.render_markdown(result))
-    elif opts.quiet:
-        emit(rep.summary_line(result))
-    else:
-        rep.render_text(result, console())
+    render(rep, result, opts)
     if not result.passed:
         raise typer.Exit(ExitCode.FINDINGS)
     raise typer.Exit(exit_code_for(result.findings, opts.fail_on))

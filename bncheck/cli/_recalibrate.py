@@ -18,9 +18,8 @@ from bncheck.cli import (
     VerboseOpt,
     app,
     common,
-    console,
-    emit,
     progress_bar,
+    render,
 )
 from bncheck.errors import ExitCode, InputError
 
@@ -100,14 +99,5 @@ def recalibrate(
         )
     if world()[0] != 0:
         raise typer.Exit(ExitCode.OK)  # under torchrun rank 0 reports
-    if opts.format == "json":
-        emit(rep.to_json(result))
-    elif opts.format == "github":
-        emit(rep.render_github(result))
-    elif opts.format == "markdown":
-        emit(rep.render_markdown(result))
-    elif opts.quiet:
-        emit(rep.summary_line(result))
-    else:
-        rep.render_text(result, console())
+    render(rep, result, opts)
     raise typer.Exit(ExitCode.OK)
