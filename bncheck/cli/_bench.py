@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -20,6 +18,7 @@ from bncheck.cli import (
     VerboseOpt,
     app,
     common,
+    progress_bar,
     render,
 )
 from bncheck.errors import ExitCode, InputError
@@ -64,31 +63,6 @@ def parse_batch_sizes(values: list[str] | None) -> tuple[int, ...]:
                 raise InputError(f"--batch-size {v!r}: batch sizes must be at least 1")
             out.append(n)
     return tuple(dict.fromkeys(out)) or (1,)
-
-
-@contextmanager
-def progress_bar(enabled: bool, what: str) -> Iterator[Callable[[int, int | None], None] | None]:
-    """A rich progress bar on stderr, or None (off a TTY, in json/github/markdown, with -q)."""
-    if not enabled:
-        yield None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TaskProgressColumn, TimeElapsedColumn
-
-    with Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        TaskProgressColumn(),
-        TimeElapsedColumn(),
-        console=Console(stderr=True),
-        transient=True,
-    ) as bar:
-        task = bar.add_task(what, total=None)
-
-        def update(done: int, total: int | None) -> None:
-            bar.update(task, completed=done, total=total)
-
-        yield update
 
 
 @app.command()

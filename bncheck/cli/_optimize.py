@@ -22,6 +22,8 @@ from bncheck.cli import (
     app,
     common,
     exit_code_for,
+    progress_bar,
+    render,
 )
 from bncheck.cli._bench import (
     BatchOpt,
@@ -29,8 +31,6 @@ from bncheck.cli._bench import (
     RoundsOpt,
     ThreadsOpt,
     parse_batch_sizes,
-    progress_bar,
-    render,
 )
 from bncheck.errors import ExitCode
 
