@@ -98,3 +98,39 @@ def counts_text(counts: dict[str, int]) -> str:
             f"{counts['info']} info",
         ]
     )
+
+
+def findings_markdown(findings: Iterable[Finding], *, hints: bool = True) -> list[str]:
+    """Markdown table rows for ``findings`` (with a leading blank line); empty when none."""
+    findings = list(findings)
+    if not findings:
+        return []
+    if hints:
+        lines = ["", "| severity | code | layer | message | fix |", "|---|---|---|---|---|"]
+    else:
+        lines = ["", "| severity | code | layer | message |", "|---|---|---|---|"]
+    for f in findings:
+        row = f"| {f.severity.value} | {f.code} | {md_escape(f.layer or 'model')} | "
+        row += f"{md_escape(f.message)} |"
+        lines.append(row + (f" {md_escape(f.hint)} |" if hints else ""))
+    return lines
+
+
+def print_findings(console: Any, findings: Iterable[Finding]) -> None:
+    """One line per finding on a rich console; each code's fix hint once, after its first
+    warning or error."""
+    from rich.text import Text
+
+    hinted: set[str] = set()
+    for f in findings:
+        console.print(
+            Text.assemble(
+                (f"{f.severity.value:>7} ", SEVERITY_STYLE[f.severity]),
+                (f"{f.code} ", "bold"),
+                (f"{f.layer or 'model'}: ", "bold"),
+                f.message,
+            )
+        )
+        if f.severity != Severity.INFO and f.code not in hinted:
+            hinted.add(f.code)
+            console.print(Text(f"          fix: {f.hint}", style="dim"))

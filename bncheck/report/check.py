@@ -20,8 +20,10 @@ from bncheck.report import (
     counts_text,
     dump_json,
     finding_dict,
+    findings_markdown,
     github_lines,
     md_escape,
+    print_findings,
     severity_counts,
 )
 
@@ -228,19 +230,7 @@ def _render_findings(result: CheckResult, console: Console, *, verbose: bool) ->
         for f in result.findings
         if verbose or (f.code != "BN404" and (f.severity != Severity.INFO or f.code == "BN403"))
     ]
-    hinted: set[str] = set()
-    for f in shown:
-        console.print(
-            Text.assemble(
-                (f"{f.severity.value:>7} ", SEVERITY_STYLE[f.severity]),
-                (f"{f.code} ", "bold"),
-                (f"{f.layer or 'model'}: ", "bold"),
-                f.message,
-            )
-        )
-        if f.severity != Severity.INFO and f.code not in hinted:
-            hinted.add(f.code)
-            console.print(Text(f"          fix: {f.hint}", style="dim"))
+    print_findings(console, shown)
     if downstream and not verbose:
         console.print(
             Text.assemble(
@@ -276,13 +266,7 @@ def render_markdown(result: CheckResult) -> str:
     first = first_line(result)
     if first:
         lines += ["", f"**{md_escape(first)}**"]
-    if result.findings:
-        lines += ["", "| severity | code | layer | message | fix |", "|---|---|---|---|---|"]
-        for f in result.findings:
-            lines.append(
-                f"| {f.severity.value} | {f.code} | {md_escape(f.layer or 'model')} | "
-                f"{md_escape(f.message)} | {md_escape(f.hint)} |"
-            )
+    lines += findings_markdown(result.findings)
     for note in result.notes:
         lines += ["", f"_note: {md_escape(note)}_"]
     lines += ["", f"**{md_escape(summary_line(result))}**", ""]

@@ -16,8 +16,10 @@ from bncheck.report import (
     counts_text,
     dump_json,
     finding_dict,
+    findings_markdown,
     github_lines,
     md_escape,
+    print_findings,
     severity_counts,
 )
 
@@ -176,20 +178,7 @@ def render_text(result: InspectResult, console: Console, *, verbose: bool = Fals
     shown = [
         f for f in result.findings if verbose or f.severity != Severity.INFO or f.code == "BN301"
     ]
-    hinted: set[str] = set()
-    for f in shown:
-        where = f.layer or "model"
-        console.print(
-            Text.assemble(
-                (f"{f.severity.value:>7} ", SEVERITY_STYLE[f.severity]),
-                (f"{f.code} ", "bold"),
-                (f"{where}: ", "bold"),
-                f.message,
-            )
-        )
-        if f.severity != Severity.INFO and f.code not in hinted:
-            hinted.add(f.code)
-            console.print(Text(f"          fix: {f.hint}", style="dim"))
+    print_findings(console, shown)
     console.print(summary_line(result), style="bold")
 
 
@@ -208,13 +197,7 @@ def render_markdown(result: InspectResult) -> str:
             f"{md_escape(_producer_text(layer))} | {md_escape(fold)} | "
             f"{' '.join(codes.get(layer.name, []))} |"
         )
-    if result.findings:
-        lines += ["", "| severity | code | layer | message | fix |", "|---|---|---|---|---|"]
-        for f in result.findings:
-            lines.append(
-                f"| {f.severity.value} | {f.code} | {md_escape(f.layer or 'model')} | "
-                f"{md_escape(f.message)} | {md_escape(f.hint)} |"
-            )
+    lines += findings_markdown(result.findings)
     lines += ["", f"**{md_escape(summary_line(result))}**", ""]
     return "\n".join(lines)
 

@@ -15,6 +15,7 @@ from bncheck.report import (
     counts_text,
     dump_json,
     finding_dict,
+    findings_markdown,
     github_lines,
     md_escape,
     severity_counts,
@@ -168,13 +169,8 @@ def render_markdown(result: OptimizeResult) -> str:
         lines += [f"- {md_escape(s)}" for s in bench_rep.side_lines(result.bench, LABELS)]
         lines += [f"- note: {md_escape(n)}" for n in result.bench.notes]
     lines += [f"- note: {md_escape(n)}" for n in result.notes]
-    if result.after is not None and result.after.findings:
-        lines += ["", "| severity | code | layer | message |", "|---|---|---|---|"]
-        for x in result.after.findings:
-            lines.append(
-                f"| {x.severity.value} | {x.code} | {md_escape(x.layer or 'model')} | "
-                f"{md_escape(x.message)} |"
-            )
+    if result.after is not None:
+        lines += findings_markdown(result.after.findings, hints=False)
     lines += ["", f"**{md_escape(summary_line(result))}**", ""]
     return "\n".join(lines)
 
