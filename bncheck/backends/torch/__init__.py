@@ -213,7 +213,7 @@ class TorchHandle(ModelHandle):
                         f"{self.path}: model takes inputs {', '.join(names)}; "
                         "give --input-shape name=dims for each"
                     )
-                return {names[0] if names else "x": torch.randn(shapes[""], dtype=dtype)}
+                return {names[0] if names else "x": _seeded_randn(shapes[""], dtype)}
             unknown = [k for k in shapes if k not in names]
             if unknown:
                 raise InputError(
@@ -222,11 +222,11 @@ class TorchHandle(ModelHandle):
             given = [n for n in names if n in shapes]
             if given != names[: len(given)] or not set(required) <= set(given):
                 raise InputError(f"{self.path}: give --input-shape for inputs {', '.join(names)}")
-            return {n: torch.randn(shapes[n], dtype=dtype) for n in given}
+            return {n: _seeded_randn(shapes[n], dtype) for n in given}
         first = names[0] if names else "x"
         shape = getattr(self.module, "example_input_shape", None)
         if isinstance(shape, (tuple, list)) and all(isinstance(d, int) for d in shape):
-            return {first: torch.randn(tuple(shape), dtype=dtype)}
+            return {first: _seeded_randn(tuple(shape), dtype)}
         for name, m in self.module.named_modules():
             kind = class_name(m)
             if kind in _GUESS_SPATIAL and hasattr(m, "in_channels"):
@@ -239,7 +239,7 @@ class TorchHandle(ModelHandle):
                 f"example input {first}{list(shape)} guessed from '{name}' ({kind}); "
                 "pass --input-shape to set it"
             )
-            return {first: torch.randn(shape, dtype=dtype)}
+            return {first: _seeded_randn(shape, dtype)}
         return {}
 
     def _pt2_example(self) -> dict[str, Any]:
@@ -261,7 +261,7 @@ class TorchHandle(ModelHandle):
                 continue
             dims = shapes.get(n) or tuple(d if isinstance(d, int) else 2 for d in val.shape)
             out[n] = (
-                torch.randn(dims, dtype=val.dtype)
+                _seeded_randn(dims, val.dtype)
                 if val.is_floating_point()
                 else torch.zeros(dims, dtype=val.dtype)
             )
@@ -308,6 +308,15 @@ class TorchHandle(ModelHandle):
         except Exception:
             return ()
         return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
+def _seeded_randn(shape: Any, dtype: Any) -> Any:
+    """An example input from a fixed seed: the trace embeds it in a written .pt2
+    (sample_inputs), and the same command must write the same bytes."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(tuple(shape), generator=gen).to(dtype)
 
 
 def _flat_tensors(out: Any) -> list[Any]:

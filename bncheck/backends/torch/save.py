@@ -58,12 +58,60 @@ def _buffered(path: Path, dump: Callable[[io.BytesIO], None]) -> None:
         f.write(buf.getbuffer())
 
 
+@contextlib.contextmanager
+def _stable_graph_ids(ep: Any) -> Iterator[None]:
+    """Number the graphs named in nodes' ``from_node`` provenance by first appearance while the
+    program is written, and put the originals back after.
+
+    torch records a graph by ``id()`` of its Python object, a memory address that changes from
+    run to run; written as it is, the same fold would give different bytes every time.
+    """
+    infos: dict[int, tuple[Any, int]] = {}  # id(NodeInfo) -> (NodeInfo, original graph_id)
+    sources: dict[int, Any] = {}
+    numbering: dict[int, int] = {}
+
+    def visit(source: Any) -> None:
+        if id(source) in sources:
+            return
+        sources[id(source)] = source
+        info = getattr(source, "node_info", None)
+        if info is not None and id(info) not in infos:
+            infos[id(info)] = (info, info.graph_id)
+            info.graph_id = numbering.setdefault(info.graph_id, len(numbering))
+        for parent in getattr(source, "from_node", None) or ():
+            visit(parent)
+
+    def forget_cached_dicts() -> None:
+        for source in sources.values():
+            if hasattr(source, "_dict"):
+                source._dict = None  # to_dict() caches the ids it saw
+
+    for module in ep.graph_module.modules():
+        graph = getattr(module, "graph", None)
+        for node in getattr(graph, "nodes", ()):
+            for source in node.meta.get("from_node") or ():
+                visit(source)
+    forget_cached_dicts()
+    try:
+        yield
+    finally:
+        for info, original in infos.values():
+            info.graph_id = original
+        forget_cached_dicts()
+
+
 def save_pt2(ep: Any, path: Path) -> None:
     """``torch.export.save``: weights stored raw, no pickled payload, so bncheck's own .pt2
-    validation (``load.validate_pt2``) accepts the file."""
+    validation (``load.validate_pt2``) accepts the file. The bytes depend only on the program:
+    the archive is built in memory (its root folder is then torch's fixed ``archive``, not the
+    temporary file's name) and graph ids are numbered, not memory addresses."""
     import torch
 
-    _write(path, lambda tmp: _buffered(tmp, lambda buf: torch.export.save(ep, buf)), "the .pt2")
+    def dump(buf: io.BytesIO) -> None:
+        with _stable_graph_ids(ep):
+            torch.export.save(ep, buf)
+
+    _write(path, lambda tmp: _buffered(tmp, dump), "the .pt2")
 
 
 def save_onnx_from_program(ep: Any, path: Path, output_names: list[str] | None = None) -> None:
