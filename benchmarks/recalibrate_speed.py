@@ -11,17 +11,22 @@ Over the same batches (default 20 of 32 images, ResNet-18 at 112×112) it times:
 - onnxruntime (ORT_DISABLE_ALL, as bncheck runs it): plain inference of the same model, and
   bncheck's pass (explicit batch-statistics ops, every BN input an extra output).
 
-Target: bncheck's pass ≤ 1.15× plain inference. The rows are timed in interleaved rounds (one
-run of each per round, so a busy neighbour slows all of them alike); the table gives the median
-and the minimum over ``--repeat`` rounds (on a shared machine the minimum is the better
-estimate of the uncontended time).
+Target: bncheck's pass ≤ 1.15× plain inference. Two tables:
 
-    python benchmarks/recalibrate_speed.py [--threads 2] [--batches 20] [--repeat 3]
+- totals: each row over all batches, rows interleaved, median and minimum over ``--repeat``;
+- paired: the pass against plain inference of the same batch, alternating batch by batch
+  (``bncheck.bench.compare`` with one call per round, ``--rounds`` × ``--batches`` rounds, each
+  batch as often on both sides), giving the ratio with a 95% bootstrap CI. Whole 20-batch
+  passes on a shared 2-core machine drift by 10-40% from one to the next, so alternating at the
+  finest grain is what makes the figure quotable.
+
+    python benchmarks/recalibrate_speed.py [--threads 2] [--batches 20] [--repeat 3] [--rounds 10]
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import platform
 import statistics
@@ -38,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import models
 
 import bncheck
+from bncheck.bench import compare
 from bncheck.numerics import Moments
 from bncheck.samples import export_onnx_keep_bn
 
@@ -55,6 +61,46 @@ def run_pass(handle, key: str, batches: list[np.ndarray]) -> Callable[[], None]:
     return go
 
 
+def cycling(step: Callable[[np.ndarray], None], batches: list[np.ndarray]) -> Callable[[], None]:
+    """One call = ``step`` on the next batch, round-robin."""
+    state = {"i": 0}
+
+    def go() -> None:
+        step(batches[state["i"] % len(batches)])
+        state["i"] += 1
+
+    return go
+
+
+def paired_rows(rows, batches: list[np.ndarray], rounds: int) -> list[str]:
+    out = ["| pass | reference | ms per batch | reference ms | ratio | 95% CI |",
+           "|---|---|---:|---:|---:|---|"]  # fmt: skip
+    for label, ref_label, step, ref_step in rows:
+        cmp = compare(
+            cycling(ref_step, batches), cycling(step, batches),
+            rounds=rounds * len(batches), iters_per_round=1, warmup=len(batches),
+        )  # fmt: skip
+        out.append(
+            f"| {label} | {ref_label} | {cmp.b.median * 1e3:.1f} | {cmp.a.median * 1e3:.1f} | "
+            f"{cmp.ratio:.3f} | [{cmp.ci_low:.3f}, {cmp.ci_high:.3f}] |"
+            + ("  UNSTABLE" if cmp.unstable else "")
+        )
+    return out
+
+
+def pass_step(handle, key: str) -> Callable[[np.ndarray], None]:
+    """One batch of the recalibration pass, moments merged into a running total."""
+    runner = handle.moment_runner(batch_stats=True)
+    acc: dict[str, Moments] = {}
+
+    def step(x: np.ndarray) -> None:
+        _, moments = runner({key: x})
+        for k, m in moments.items():
+            acc[k] = acc[k] + m if k in acc else m
+
+    return step
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -62,8 +108,10 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--size", type=int, default=112)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=10, help="paired A/B rounds")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed"
     import onnxruntime as ort
 
     print(
@@ -130,9 +178,25 @@ def main() -> None:
                 t0 = time.perf_counter()
                 fn()
                 times[label].append(time.perf_counter() - t0)
+
+        def torch_plain_step(x: np.ndarray) -> None:
+            with torch.inference_mode():
+                graph(torch.from_numpy(x))
+
+        paired = paired_rows(
+            [
+                ("torch: bncheck recalibration pass", "torch plain", pass_step(th, "x"),
+                 torch_plain_step),
+                ("onnxruntime: bncheck recalibration pass", "ORT plain", pass_step(oh, "input"),
+                 lambda x: sess.run(None, {"input": x})),
+            ],
+            batches,
+            args.rounds,
+        )  # fmt: skip
     med = {label: statistics.median(t) for label, t in times.items()}
     low = {label: min(t) for label, t in times.items()}
     torch_base, ort_base = rows[0][0], rows[4][0]
+    print(f"\ntotals over {args.batches} batches, {args.repeat} interleaved repeats")
     print("| pass | median s | × plain | min s | × plain (min) |")
     print("|---|---:|---:|---:|---:|")
     for label, _ in rows:
@@ -141,6 +205,8 @@ def main() -> None:
             f"| {label} | {med[label]:.2f} | {med[label] / med[base]:.2f} | {low[label]:.2f} | "
             f"{low[label] / low[base]:.2f} |"
         )
+    print(f"\npaired: {args.rounds * args.batches} alternating A/B rounds of one batch")
+    print("\n".join(paired))
 
 
 if __name__ == "__main__":

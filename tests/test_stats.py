@@ -19,13 +19,14 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import ROOT, SAMPLES, tiny_onnx_model
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 import bncheck
 from bncheck.backends.onnx.stats import batch_stats_model
-from bncheck.backends.torch.stats import batch_moments
+from bncheck.backends.torch.stats import batch_moments, normalize_with_batch_moments
 from bncheck.errors import InputError
 from bncheck.numerics import Moments
 from bncheck.samples import _export_pt2, exact_bn_statistics
@@ -139,6 +140,33 @@ def test_torch_batch_moments_equal_numpy_moments():
     assert rel(a.mean, b.mean) < 1e-15 and rel(a.m2, b.m2) < 1e-12
     flat = batch_moments(torch.from_numpy(x[:, :, 0, 0]))  # N×C (BatchNorm1d)
     assert flat.count == 8 and rel(flat.m2, Moments.from_batch(x[:, :, 0, 0]).m2) < 1e-12
+
+
+@pytest.mark.parametrize(
+    ("shape", "mean"),
+    [((8, 5, 6, 7), 0.0), ((8, 5, 6, 7), 1e4), ((16, 6), 3.0), ((4, 3, 2, 3, 5), -2.0)],
+)
+def test_batch_norm_with_moments_equals_float64_training_mode(shape, mean):
+    """The CPU recalibration kernel against float64: moments to float32 rounding of the data
+    sums, and the output of training-mode BN to float32 rounding."""
+    rng = np.random.default_rng(4)
+    x = (rng.normal(size=shape) * 2 + mean).astype(np.float32)
+    x[:, 1] = x[0, 1].flat[0]  # a constant channel: variance 0, not negative
+    c = shape[1]
+    w, b = rng.uniform(0.5, 2, c).astype(np.float32), rng.normal(size=c).astype(np.float32)
+    y, m = normalize_with_batch_moments(torch.from_numpy(x), torch.from_numpy(w),
+                                        torch.from_numpy(b), 1e-5)  # fmt: skip
+    ref = Moments.from_batch(x.astype(np.float64), channel_axis=1)
+    assert m.count == ref.count
+    # the mean to float32 rounding of the spread, or of the mean itself for a constant channel
+    assert np.all(np.abs(m.mean - ref.mean) <= 1e-6 * np.sqrt(ref.var(0)) + 1e-7 * np.abs(ref.mean))
+    assert 0.0 <= m.m2[1] < 1e-12
+    live = np.arange(c) != 1
+    assert rel(m.m2[live], ref.m2[live]) < 1e-6
+    y64 = F.batch_norm(torch.from_numpy(x).double(), None, None, torch.from_numpy(w).double(),
+                       torch.from_numpy(b).double(), training=True, eps=1e-5)  # fmt: skip
+    tol = 1e-3 if mean == 1e4 else 1e-5  # float32 resolves x only to 1e-3σ at 1e4
+    assert torch.allclose(y.double(), y64, atol=tol, rtol=tol)
 
 
 def random_stats(handle, seed: int = 3) -> dict[str, tuple[np.ndarray, np.ndarray]]:
