@@ -16,7 +16,7 @@ from conftest import assert_clean_error
 from corpus import Case, model_cases
 from corpus_data import data_cases, data_model, good_data
 
-COMMANDS = ("inspect", "fold", "check", "recalibrate", "bench")
+COMMANDS = ("inspect", "fold", "check", "recalibrate", "bench", "optimize")
 MODEL_CASES = sorted(model_cases(Path("unused")))
 DATA_CASES = sorted(data_cases(Path("unused")))
 
@@ -107,6 +107,9 @@ def command_line(command: str, case: Case, data: Path) -> list:
     if command == "recalibrate":
         out = folder / f"recal{case.path.suffix or '.onnx'}"
         return ["recalibrate", case.path, "--data", data, "-o", out, *case.args]
+    if command == "optimize":
+        out = folder / ("optimized.onnx" if case.framework == "onnx" else "optimized.pt2")
+        return ["optimize", case.path, "--data", data, "-o", out, "--no-bench", *case.args]
     return ["bench", case.path, *case.args]
 
 
