@@ -33,6 +33,20 @@ class Column(Protocol):
     def batches(self, bounds: Sequence[tuple[int, int]]) -> Iterator[Any]: ...
 
 
+def is_zip(path: Path, head: bytes) -> bool:
+    """Whether ``path`` (whose first bytes are ``head``) is a zip archive, damaged or not.
+
+    ``zipfile.is_zipfile`` itself raises on some damaged end records (a zip64 record that
+    claims several disks): such a file is a zip, and opening it reports the damage cleanly.
+    """
+    if head.startswith(b"PK\x03\x04"):
+        return True
+    try:
+        return zipfile.is_zipfile(path)
+    except ZIP_ERRORS:
+        return True
+
+
 def sniff_data(path: Path) -> str:
     """Say what a data path holds: ``npy``, ``npz``, ``pt``, ``images`` (a folder) or ``image``."""
     if not path.exists():
@@ -45,7 +59,7 @@ def sniff_data(path: Path) -> str:
         head = f.read(8)
     if head.startswith(b"\x93NUMPY"):
         return "npy"
-    if head.startswith(b"PK\x03\x04") or zipfile.is_zipfile(path):
+    if is_zip(path, head):
         try:
             with zipfile.ZipFile(path) as zf:
                 names = zf.namelist()

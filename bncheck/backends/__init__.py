@@ -10,6 +10,7 @@ from typing import Any
 
 from bncheck.backends.base import ModelHandle
 from bncheck.errors import ZIP_ERRORS, InputError
+from bncheck.readers import is_zip
 
 __all__ = ["ModelHandle", "open_model", "sniff"]
 
@@ -32,7 +33,7 @@ def sniff(path: Path) -> str:
         raise InputError(f"{path}: empty file")
     with open(path, "rb") as f:
         head = f.read(16)
-    if head[:4] == b"PK\x03\x04" or zipfile.is_zipfile(path):
+    if is_zip(path, head):
         return _sniff_zip(path)
     if head[:1] == b"\x80" and len(head) > 1 and head[1] in range(2, 6):
         return "pickle"

@@ -398,6 +398,15 @@ def zip_header(kind: str) -> Callable[[Path], Case]:
     return build
 
 
+def multi_disk_zip(folder: Path) -> Case:
+    """A file ending in a zip64 locator that claims two disks, then an end record: the fuzzer
+    found ``zipfile.is_zipfile`` raising BadZipFile on it instead of returning a bool."""
+    locator = b"PK\x06\x07" + struct.pack("<LQL", 0, 0, 2)
+    end = b"PK\x05\x06" + b"\0" * 18
+    p = _write(folder, "disks.pt", b"\0" * 64 + locator + end)
+    return Case(p, ("disks.pt", "zip"), ("--arch", ARCH), "torch")
+
+
 def safetensors_header_past_end(folder: Path) -> Case:
     header = b'{"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}'
     data = struct.pack("<Q", 10_000) + header + b"\0" * 8
@@ -425,6 +434,7 @@ def model_cases(marker: Path) -> dict[str, Callable[[Path], Case]]:
         "pt2_sample_inputs_payload": pt2_sample_inputs_payload(marker),
         "pt2_weights_pickle": pt2_weights_pickle,
         "zip_bomb": zip_bomb,
+        "multi_disk_zip": multi_disk_zip,
         "safetensors_header_past_end": safetensors_header_past_end,
     }
     for suffix in (".onnx", ".pt", ".pt2", ".safetensors", ".pth", ".bin"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable
 from pathlib import Path
 
@@ -88,8 +89,13 @@ def data_cases(marker: Path) -> dict[str, Callable[[Path], tuple[Path, tuple[str
         p.write_bytes(patch_central_directory(p.read_bytes(), "utf8"))
         return p, ("bad.npz",)
 
+    def multi_disk_zip(folder: Path):
+        locator = b"PK\x06\x07" + struct.pack("<LQL", 0, 0, 2)
+        return _write(folder, "disks.npz", locator + b"PK\x05\x06" + b"\0" * 18), ("disks.npz",)
+
     return {
         "npz_bad_zip_name": npz_bad_zip_name,
+        "multi_disk_zip": multi_disk_zip,
         "wrong_shape": wrong_shape,
         "wrong_dtype_complex": wrong_dtype,
         "wrong_dtype_strings": strings,
