@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 import bncheck
-from bncheck.samples import _export_pt2, export_onnx_keep_bn
+from bncheck.sample_export import export_onnx_keep_bn, export_pt2
 
 
 class DigitsNet(nn.Module):
@@ -120,7 +120,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         folder = Path(d)
         example = torch.from_numpy(x_tr[:2])
-        _export_pt2(model, example, folder / "digits.pt2")
+        export_pt2(model, example, folder / "digits.pt2")
         export_onnx_keep_bn(model, example, folder / "digits.onnx", ["logits"])
         handles = {f: bncheck.open_model(folder / f"digits.{f}") for f in ("pt2", "onnx")}
         for label, shift in SHIFTS.items():

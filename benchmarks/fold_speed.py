@@ -34,7 +34,7 @@ import models
 
 import bncheck
 from bncheck.bench import compare
-from bncheck.samples import export_onnx_keep_bn
+from bncheck.sample_export import export_onnx_keep_bn
 
 
 def export_pt2(model: torch.nn.Module, example: torch.Tensor, path: Path) -> None:

@@ -45,7 +45,7 @@ import models
 import bncheck
 from bncheck.bench import compare
 from bncheck.numerics import Moments
-from bncheck.samples import export_onnx_keep_bn
+from bncheck.sample_export import export_onnx_keep_bn
 
 
 def run_pass(handle, key: str, batches: list[np.ndarray]) -> Callable[[], None]:

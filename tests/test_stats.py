@@ -29,7 +29,8 @@ from bncheck.backends.onnx.stats import batch_stats_model
 from bncheck.backends.torch.stats import batch_moments, normalize_with_batch_moments
 from bncheck.errors import InputError
 from bncheck.numerics import Moments
-from bncheck.samples import _export_pt2, exact_bn_statistics
+from bncheck.sample_export import export_pt2
+from bncheck.samples import exact_bn_statistics
 
 CALIB = SAMPLES / "resnet_calib.npy"
 ARCH = "bncheck.samples:small_resnet"
@@ -112,7 +113,7 @@ def test_torch_batch_statistics_equal_exact_bn_statistics_with_dropout(tmp_path)
     model = randomize_bn(DropNet()).eval()
     data = np.random.default_rng(1).normal(2.0, 3.0, size=(40, 3, 8, 8)).astype(np.float32)
     expected = exact_bn_statistics(copy.deepcopy(model), data, batch_size=16)
-    _export_pt2(model, torch.from_numpy(data[:2]), tmp_path / "m.pt2")
+    export_pt2(model, torch.from_numpy(data[:2]), tmp_path / "m.pt2")
     handle = bncheck.open_model(tmp_path / "m.pt2")
     acc = merged_moments(handle, data, batch_stats=True, batch=16)  # batches 16, 16, 8
     assert set(acc) == set(expected) == {"bn1", "bn2"}
@@ -127,7 +128,7 @@ def test_torch_batch_statistics_of_a_channel_far_from_zero(tmp_path):
     model = nn.Sequential(nn.BatchNorm2d(3)).eval()
     data = np.random.default_rng(2).normal(1e4, 1.0, size=(48, 3, 4, 4)).astype(np.float32)
     expected = exact_bn_statistics(copy.deepcopy(model), data, batch_size=16)["0"]
-    _export_pt2(model, torch.from_numpy(data[:2]), tmp_path / "m.pt2")
+    export_pt2(model, torch.from_numpy(data[:2]), tmp_path / "m.pt2")
     acc = merged_moments(bncheck.open_model(tmp_path / "m.pt2"), data, batch_stats=True, batch=16)
     assert rel(acc["0"].mean, expected[0]) < 1e-7  # the mean rounded to float32
     assert rel(acc["0"].var(1), expected[1]) < 1e-4  # float32 data resolution at 1e4 is 1e-3
