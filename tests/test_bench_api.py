@@ -14,7 +14,8 @@ import pytest
 from conftest import tiny_onnx_model
 
 from bncheck.api import _bench
-from bncheck.api._bench import BenchRow, _feeds_for, bench
+from bncheck.api._bench import BenchRow, bench
+from bncheck.api._bench_inputs import feeds_for
 from bncheck.api._bench_stats import expanded_alpha, hierarchical_bootstrap_ratio, t_quantile
 from bncheck.backends.onnx.latency import LatencyRunner
 from bncheck.bench import Samples
@@ -143,7 +144,7 @@ def test_feeds_follow_position_when_names_differ(tiny):
 
     handle = open_model(tiny)
     x = np.ones((1, 2, 5, 5), np.float32)
-    assert _feeds_for(handle, {"input": x})["x"] is x
+    assert feeds_for(handle, {"input": x})["x"] is x
 
 
 @pytest.mark.parametrize(

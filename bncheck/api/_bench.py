@@ -10,16 +10,22 @@ kernel launches.
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from bncheck.api._bench_inputs import (
+    bench_feeds,
+    check_device,
+    check_engine,
+    check_options,
+    feeds_for,
+    latency_runner_for,
+)
 from bncheck.api._bench_stats import CONFIDENCE, RESAMPLES, hierarchical_bootstrap_ratio
 from bncheck.api._common import as_handle
 from bncheck.backends import ModelHandle
@@ -38,7 +44,6 @@ DEFAULT_WARMUP = 10
 #: single pair cannot see, so the interval must be taken across instances too.
 DEFAULT_REPLICATES = 5
 MAX_ITERS_PER_ROUND = 200  # beyond this the bootstrap costs more than the extra precision buys
-ENGINES = {"torch": "torch", "onnxruntime": "onnx"}  # engine name → framework it runs
 PROGRESS_UNITS = 1000  # progress units per table row
 
 
@@ -110,135 +115,6 @@ class BenchResult:
             r.comparison is not None and fails_slower(r.comparison, self.fail_if_slower)
             for r in self.rows
         )
-
-
-def latency_runner_for(
-    handle: ModelHandle,
-    feeds: Mapping[str, np.ndarray],
-    *,
-    device: str,
-    threads: int | None,
-    compile: bool,
-    optimize: bool,
-) -> Any:
-    """The backend's ``latency_runner`` for ``handle`` (see ``backends/<fw>/latency.py``)."""
-    if handle.framework == "onnx":
-        from bncheck.backends.onnx.latency import latency_runner
-    else:
-        from bncheck.backends.torch.latency import latency_runner
-    return latency_runner(
-        handle,
-        feeds,
-        device=device,
-        threads=threads,
-        compile=compile and handle.framework == "torch",
-        optimize=optimize,
-    )
-
-
-def _check_options(
-    device: str,
-    threads: int | None,
-    batch_sizes: Sequence[int],
-    time_budget_s: float,
-    rounds: int | None,
-    warmup: int,
-    replicates: int,
-    vs: object,
-    fail_if_slower: float | None,
-) -> None:
-    if device not in ("cpu", "cuda"):
-        raise InputError(f"--device {device!r}: choose cpu or cuda")
-    if threads is not None and threads < 1:
-        raise InputError(f"--threads {threads}: must be at least 1")
-    if not batch_sizes or any(int(b) < 1 for b in batch_sizes):
-        raise InputError("--batch-size: every batch size must be at least 1")
-    if not (time_budget_s > 0 and math.isfinite(time_budget_s)):
-        raise InputError(f"--time-budget {time_budget_s}: must be a positive number of seconds")
-    if rounds is not None and rounds < (2 if vs is not None else 1):
-        raise InputError(f"--rounds {rounds}: must be at least {2 if vs is not None else 1}")
-    if warmup < 0:
-        raise InputError(f"--warmup {warmup}: must be at least 0")
-    if replicates < 1:
-        raise InputError(f"--replicates {replicates}: must be at least 1")
-    if fail_if_slower is not None:
-        if vs is None:
-            raise InputError("--fail-if-slower needs --vs: there is nothing to compare with")
-        if not (fail_if_slower >= 0 and math.isfinite(fail_if_slower)):
-            raise InputError(f"--fail-if-slower {fail_if_slower}: must be a percentage ≥ 0")
-
-
-def check_device(handle: ModelHandle, device: str) -> None:
-    """Refuse ``device`` before any work when this machine cannot run ``handle`` on it."""
-    if device not in ("cpu", "cuda"):
-        raise InputError(f"--device {device!r}: choose cpu or cuda")
-    if device != "cuda":
-        return
-    if handle.framework == "onnx":
-        import onnxruntime as ort
-
-        if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise InputError(
-                "CUDA is not available on this machine (onnxruntime has no "
-                "CUDAExecutionProvider; install onnxruntime-gpu)"
-            )
-    else:
-        import torch
-
-        if not torch.cuda.is_available():
-            raise InputError(
-                "CUDA is not available on this machine (torch.cuda.is_available() is False)"
-            )
-
-
-def _check_engine(handle: ModelHandle, engine: str | None) -> None:
-    if engine is None:
-        return
-    if engine not in ENGINES:
-        raise InputError(f"--engine {engine!r}: choose {' or '.join(ENGINES)}")
-    if ENGINES[engine] != handle.framework:
-        runs = "ONNX models" if engine == "onnxruntime" else "PyTorch models"
-        raise InputError(f"{handle.path}: engine {engine} runs {runs}; this is a {handle.format}")
-
-
-def _feeds(
-    handle: ModelHandle,
-    batch: int,
-    data: str | os.PathLike[str] | None,
-    input_shapes: Mapping[str, Sequence[int]] | None,
-    seed: int,
-) -> tuple[dict[str, np.ndarray], str]:
-    """Seeded N(0, 1) input of the model's shape with batch dim ``batch``, or the first
-    ``batch`` samples of ``data``; and its description."""
-    from bncheck.data import open_data
-
-    src = open_data(
-        data,
-        inputs=handle.info().inputs,
-        batch_size=batch,
-        max_samples=batch,
-        synthetic=data is None,
-        seed=seed,
-        input_shapes=input_shapes,
-    )
-    feeds = src.first_batch()
-    shapes = ", ".join(f"{k} {tuple(v.shape[1:])} {v.dtype}" for k, v in feeds.items())
-    if data is None:
-        return feeds, f"seeded N(0, 1) input (seed {seed}): {shapes}, batch dim = the batch size"
-    return feeds, f"first batch of {Path(data).name}: {shapes}"
-
-
-def _feeds_for(other: ModelHandle, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """A's feeds for B: by name, or by position when both take one input."""
-    names = [s.name for s in other.info().inputs]
-    if set(names) <= set(feeds):
-        return {n: feeds[n] for n in names}
-    if len(names) == 1 and len(feeds) == 1:
-        return {names[0]: next(iter(feeds.values()))}
-    raise InputError(
-        f"{other.path}: its inputs ({', '.join(names)}) differ from the first model's "
-        f"({', '.join(feeds)}); both models must take the same inputs"
-    )
 
 
 def _probe(runner: Any, calls: int = 3) -> float:
@@ -314,7 +190,7 @@ def bench(
     Warm-up of every instance: ``warmup`` calls (fewer when they would exceed the budget), then
     until the median settles.
     """
-    _check_options(
+    check_options(
         device, threads, batch_sizes, time_budget_s, rounds, warmup, replicates, vs, fail_if_slower
     )
     shapes = dict(input_shapes) if input_shapes else None
@@ -322,7 +198,7 @@ def bench(
     other = None if vs is None else as_handle(vs, input_shapes=shapes, **open_options)
     for h in (handle, other):
         if h is not None:
-            _check_engine(h, engine)
+            check_engine(h, engine)
             check_device(h, device)
     if compile and all(h is None or h.framework == "onnx" for h in (handle, other)):
         raise InputError(f"{handle.path}: --compile is for PyTorch models; onnxruntime has none")
@@ -347,7 +223,7 @@ def bench(
             if progress is not None and tot:
                 progress(base + min(PROGRESS_UNITS, PROGRESS_UNITS * done // tot), total)
 
-        feeds, inputs = _feeds(handle, batch, data, shapes, seed)
+        feeds, inputs = bench_feeds(handle, batch, data, shapes, seed)
         got = len(next(iter(feeds.values())))
         if got != batch:
             notes.append(f"batch size {batch}: ran {got} samples (all the input had)")
@@ -440,7 +316,7 @@ def _compare_pairs(
 ) -> tuple[Comparison, BenchSide, int | None, str]:
     """A against B over ``replicates`` fresh instance pairs, each timed by ``bench.compare``
     (alternating AB / BA rounds); one instance pair alive at a time."""
-    feeds_b = _feeds_for(other, feeds)
+    feeds_b = feeds_for(other, feeds)
     pairs = max(1, min(replicates, rounds // 2))
     per = max(2, rounds // pairs)
     a_blocks: list[np.ndarray] = []

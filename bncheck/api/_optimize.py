@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bncheck.api._bench import BenchResult, Progress, bench, check_device
+from bncheck.api._bench import BenchResult, Progress, bench
+from bncheck.api._bench_inputs import check_device
 from bncheck.api._common import as_handle, check_output_path, open_model
 from bncheck.api._fold import FoldResult, _allowed_suffixes, fold
 from bncheck.api._inspect import InspectResult, inspect
