@@ -17,7 +17,7 @@ from bncheck.api import _bench
 from bncheck.api._bench import BenchRow, bench
 from bncheck.api._bench_inputs import feeds_for
 from bncheck.api._bench_stats import expanded_alpha, hierarchical_bootstrap_ratio, t_quantile
-from bncheck.backends.onnx.latency import LatencyRunner
+from bncheck.backends.base import LatencyRunner
 from bncheck.bench import Samples
 from bncheck.errors import InputError
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,29 @@ from bncheck.numerics import Moments
 
 Feeds = Mapping[str, np.ndarray]
 MomentRunner = Callable[[Feeds], tuple[list[np.ndarray], dict[str, Moments]]]
+
+
+def _no_device_memory() -> int | None:
+    return None
+
+
+@dataclass
+class LatencyRunner:
+    """What the bench harness needs from a backend (both backends return this).
+
+    ``run()`` does one inference on inputs bound beforehand and returns when it is complete;
+    ``sync`` (or None) is called after each run inside the timed region (CUDA);
+    ``peak_memory()`` is device memory in bytes, or None where the process's peak RSS is the
+    figure to report.
+    """
+
+    run: Callable[[], None]
+    engine: str
+    sync: Callable[[], None] | None = None
+    folds_bn_itself: bool = False
+    device: str = "cpu"
+    threads: int | None = None
+    peak_memory: Callable[[], int | None] = field(default=_no_device_memory)
 
 
 class ModelHandle(abc.ABC):

@@ -8,41 +8,18 @@ with bncheck cannot make such a model faster there; ``folds_bn_itself`` says so.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
+from bncheck.backends.base import LatencyRunner
 from bncheck.backends.onnx.run import make_session, ort_message
 from bncheck.errors import InputError
 
-__all__ = ["LatencyRunner", "latency_runner"]
+__all__ = ["latency_runner"]
 
 CUDA_PROVIDER = "CUDAExecutionProvider"
-
-
-def _no_device_memory() -> int | None:
-    return None
-
-
-@dataclass
-class LatencyRunner:
-    """What the bench harness needs from a backend (both backends return this).
-
-    ``run()`` does one inference on inputs bound beforehand and returns when it is complete;
-    ``sync`` (or None) is called after each run inside the timed region (CUDA);
-    ``peak_memory()`` is device memory in bytes, or None where the process's peak RSS is the
-    figure to report.
-    """
-
-    run: Callable[[], None]
-    engine: str
-    sync: Callable[[], None] | None = None
-    folds_bn_itself: bool = False
-    device: str = "cpu"
-    threads: int | None = None
-    peak_memory: Callable[[], int | None] = field(default=_no_device_memory)
 
 
 def ort_fuses_bn(handle: Any) -> bool:

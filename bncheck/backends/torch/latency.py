@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from bncheck.backends.onnx.latency import LatencyRunner
+from bncheck.backends.base import LatencyRunner
 from bncheck.backends.torch.load import _first_line, quiet_torch
 from bncheck.errors import InputError
 
