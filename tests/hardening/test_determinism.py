@@ -134,3 +134,15 @@ def test_writing_a_pt2_leaves_the_programs_graph_ids_alone(tmp_path):
     assert before, "the folded program carries provenance metadata"
     folded.save(tmp_path / "f.pt2")
     assert ids(folded.exported) == before
+
+
+@pytest.mark.parametrize("model", ["resnet.pt2", "resnet.onnx"])
+def test_check_json_is_identical(run_cli, samples_dir, model):
+    data = samples_dir / "resnet_calib.npy"
+    runs = [
+        run_cli("check", samples_dir / model, "--data", data, "--format", "json") for _ in range(2)
+    ]
+    assert runs[0].code == runs[1].code == 0, runs[0]
+    a, b = (_strip(json.loads(r.out)) for r in runs)
+    assert a == b
+    assert a["schema"].startswith("bncheck.check/")
