@@ -3,7 +3,7 @@
 The traced graph (``torch.export``, eval mode) decides producers, consumers and call sites; the
 module tree decides which modules are BN layers and supplies their statistics. A ``.pt2`` has no
 modules: its batch-norm ops are mapped to state-dict names through the graph signature. The graph
-matching and the fold decision live in ``graph.py`` (re-exported here); this module turns them
+matching and the fold decision live in ``graph.py``; this module turns them
 into ``BNLayer`` / ``ModelInfo`` records. A model that does not trace falls back to the module
 tree (``eager_pairs``).
 """
@@ -18,58 +18,32 @@ import numpy as np
 
 from bncheck.backends.torch.graph import (
     _WEIGHTED,
-    BN_OPS,
-    NORM_OPS,
     BNCall,
     GraphView,
     bn_shift_is_zero,
-    call_from_op,
-    call_from_region,
-    consumer_check,
     consumers_of,
     find_bn_calls,
     match_fold,
     module_calls,
     module_path,
     op_args,
-    out_channels,
     output_name,
     packet,
-    producer_check,
     pt2_frozen_paths,
 )
-from bncheck.layers import BNLayer, FoldDecision, ModelInfo, Neighbour, NormLayer, TensorSpec
+from bncheck.backends.torch.norms import class_name, graph_norms, module_norms, norm_types
+from bncheck.layers import BNLayer, FoldDecision, ModelInfo, Neighbour, TensorSpec
 
 __all__ = [
-    "BN_OPS",
-    "NORM_OPS",
-    "BNCall",
     "BNStats",
-    "GraphView",
-    "bn_shift_is_zero",
     "build_info",
-    "call_from_op",
-    "call_from_region",
     "class_name",
-    "consumer_check",
-    "consumers_of",
     "eager_pairs",
-    "find_bn_calls",
     "is_bn",
     "is_frozen_bn",
     "layer_calls",
-    "match_fold",
-    "module_calls",
-    "module_norms",
-    "module_path",
     "module_stats",
-    "op_args",
     "op_stats",
-    "out_channels",
-    "output_name",
-    "packet",
-    "producer_check",
-    "pt2_frozen_paths",
     "to_numpy",
 ]
 
@@ -80,11 +54,6 @@ _BN_NAMES = {"BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "Lazy
 _CONV_NAMES = {"Conv1d": "Conv", "Conv2d": "Conv", "Conv3d": "Conv", "Linear": "Linear",
                "ConvTranspose1d": "ConvTranspose", "ConvTranspose2d": "ConvTranspose",
                "ConvTranspose3d": "ConvTranspose"}  # fmt: skip
-
-
-def class_name(m: Any) -> str:
-    """The module's class name; a TorchScript module's original Python class name."""
-    return getattr(m, "original_name", None) or type(m).__name__
 
 
 def is_bn(m: Any) -> bool:
@@ -99,19 +68,12 @@ def is_frozen_bn(m: Any) -> bool:
     """A leaf module holding BN's four tensors that is not a _BatchNorm (FrozenBatchNorm2d…)."""
     import torch
 
-    if is_bn(m) or any(True for _ in m.children()) or isinstance(m, _norm_types()):
+    if is_bn(m) or any(True for _ in m.children()) or isinstance(m, norm_types()):
         return False
     ts = [getattr(m, k, None) for k in ("weight", "bias", "running_mean", "running_var")]
     return all(isinstance(t, torch.Tensor) and t.dim() == 1 for t in ts) and (
         len({t.numel() for t in ts}) == 1 and ts[0].numel() > 0
     )
-
-
-def _norm_types() -> tuple[type, ...]:
-    from torch import nn
-    from torch.nn.modules.instancenorm import _InstanceNorm
-
-    return (nn.LayerNorm, nn.GroupNorm, _InstanceNorm, nn.RMSNorm)
 
 
 def to_numpy(t: Any) -> tuple[np.ndarray | None, str | None]:
@@ -316,61 +278,6 @@ def _graph_layer(view: GraphView, name: str, st: BNStats, calls: list[BNCall]) -
         view, calls, st.channels, track_running_stats=st.track_running_stats, shift_is_zero=shift0
     )
     return _bn_layer(name, st, producer, consumers, len(calls), fold)
-
-
-def module_norms(module: Any) -> list[NormLayer]:
-    """LayerNorm, GroupNorm, InstanceNorm and RMSNorm modules (inventory only)."""
-    from torch import nn
-
-    found = []
-    for name, m in module.named_modules():
-        if isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
-            found.append(
-                NormLayer(
-                    name,
-                    class_name(m),
-                    str(tuple(m.normalized_shape)),
-                    m.eps,
-                    bool(m.elementwise_affine),
-                )
-            )
-        elif isinstance(m, nn.GroupNorm):
-            shape = f"{m.num_groups} groups, {m.num_channels} channels"
-            found.append(NormLayer(name, "GroupNorm", shape, m.eps, bool(m.affine)))
-        elif isinstance(m, _norm_types()):
-            found.append(
-                NormLayer(name, class_name(m), f"{m.num_features} channels", m.eps, bool(m.affine))
-            )
-    return found
-
-
-def graph_norms(view: GraphView) -> list[NormLayer]:
-    """Other norms of a .pt2, from their ops."""
-    found = []
-    for node in view.graph.nodes:
-        kind = NORM_OPS.get(packet(node) or "")
-        if kind is None:
-            continue
-        args = op_args(node)
-        w = args.get("weight")
-        mp = module_path(node)
-        if mp and mp[0] and "Norm" in mp[1]:
-            name, kind = mp[0], mp[1].rsplit(".", 1)[-1]
-        else:
-            name = view.fqn[w.name].rsplit(".", 1)[0] if view.stored(w) else node.name
-        inp = args["input"].meta.get("val")
-        channels = int(inp.shape[1]) if inp is not None and inp.dim() > 1 else None
-        if "normalized_shape" in args:
-            shape = str(tuple(int(d) for d in args["normalized_shape"]))
-        elif "num_groups" in args:
-            shape = f"{args['num_groups']} groups, {channels} channels"
-        else:
-            shape = f"{channels} channels"
-        eps = args.get("eps")
-        found.append(
-            NormLayer(name, kind, shape, None if eps is None else float(eps), w is not None)
-        )
-    return found
 
 
 def _float_elements(tensors: Iterable[Any]) -> int:

@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from bncheck.backends.torch.discover import BN_OPS, op_args, packet
+from bncheck.backends.torch.graph import BN_OPS, op_args, packet
 from bncheck.errors import InputError
 from bncheck.numerics import Moments
 
