@@ -18,7 +18,6 @@ line the summary). Layer rules see one :class:`~bncheck.mismatch.LayerMismatch` 
 
 from __future__ import annotations
 
-import inspect as _inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ from typing import Any
 from bncheck.errors import InputError
 from bncheck.layers import Finding, Severity
 from bncheck.mismatch import LayerMismatch, Thresholds
-from bncheck.rules import is_selected
+from bncheck.rules import Rule, is_selected
 
 # Defaults for the output-level rule. On the sample ResNet with its own calibration data the
 # inference-mode vs batch-statistics relative L2 is 0.15 at batch 32 and 0.38 at batch 8 (pure
@@ -120,23 +119,12 @@ class DataEvidence:
 
 
 @dataclass(frozen=True)
-class DataRule:
-    """A BN4xx rule; same attributes as :class:`bncheck.rules.Rule` so tables list both."""
+class DataRule(Rule):
+    """A BN4xx rule: a :class:`bncheck.rules.Rule` whose check reads the data's evidence, per
+    layer or once per model."""
 
-    code: str
-    name: str
-    severity: Severity
-    hint: str
-    check: Callable[[LayerMismatch | None, DataEvidence], str | None]
+    check: Callable[[LayerMismatch | None, DataEvidence], str | None]  # type: ignore[assignment]
     per_layer: bool
-
-    @property
-    def doc(self) -> str:
-        return _inspect.getdoc(self.check) or ""
-
-    @property
-    def summary(self) -> str:
-        return self.doc.splitlines()[0] if self.doc else self.name
 
 
 DATA_RULES: dict[str, DataRule] = {}
