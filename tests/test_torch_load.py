@@ -145,6 +145,8 @@ def test_trusted_pickle_must_be_a_module(tmp_path):
         open_model(f, trust_pickle=True)
 
 
+# Writing the TorchScript fixture goes through torch.jit, which torch now warns is deprecated.
+@pytest.mark.filterwarnings("ignore:`torch.jit.:DeprecationWarning")
 def test_torchscript_needs_trust(tmp_path, model):
     f = tmp_path / "m.ts"
     torch.jit.save(torch.jit.script(model), f)
