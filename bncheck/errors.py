@@ -40,3 +40,11 @@ class VerificationError(BncheckError):
 # zipfile raises all of these on a malformed archive (a name flagged UTF-8 that is not, an
 # unsupported version, truncated records), not only BadZipFile: loaders catch them together.
 ZIP_ERRORS = (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError)
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """One line for an error message from a library's exception: its first line (the type's
+    name when it has no text), cut at ``limit`` characters."""
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."

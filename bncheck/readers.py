@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from bncheck.errors import ZIP_ERRORS, InputError
+from bncheck.errors import ZIP_ERRORS, InputError, first_line
 from bncheck.layers import TensorSpec
 
 
@@ -196,7 +196,7 @@ def load_pt(path: Path) -> Any:
                 raise
             obj = load(mmap=False)  # legacy (non-zip) format: no mapping; still weights-only
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise InputError(
             f"{path}: not a plain tensor file; weights-only load refused: {first}"
         ) from None

@@ -24,7 +24,7 @@ from bncheck.backends.onnx.graph import (
     opset_version,
     tensor_element_count,
 )
-from bncheck.errors import InputError
+from bncheck.errors import InputError, first_line
 
 __all__ = ["MAX_ELEMENTS", "MAX_PROTO_BYTES", "iter_tensors", "load_model"]
 
@@ -271,11 +271,6 @@ def _check_constant_of_shape(model: ModelProto, path: Path) -> None:
                 )
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def load_model(path: Path) -> tuple[ModelProto, bool]:
     """Parse, validate and fully load the ONNX model at ``path``.
 
@@ -287,11 +282,11 @@ def load_model(path: Path) -> tuple[ModelProto, bool]:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except DecodeError as exc:
-        raise InputError(f"{path}: not a valid ONNX model ({_first_line(exc)})") from None
+        raise InputError(f"{path}: not a valid ONNX model ({first_line(exc)})") from None
     except OSError as exc:
         raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from None
     except Exception as exc:  # protobuf/onnx raise assorted types for malformed bytes
-        raise InputError(f"{path}: not a valid ONNX model ({_first_line(exc)})") from None
+        raise InputError(f"{path}: not a valid ONNX model ({first_line(exc)})") from None
 
     if not model.HasField("graph"):
         raise InputError(f"{path}: ONNX model has no graph")
@@ -329,5 +324,5 @@ def load_model(path: Path) -> tuple[ModelProto, bool]:
         else:  # too large to serialize in memory: let the checker read the file itself
             onnx.checker.check_model(str(path))
     except (onnx.checker.ValidationError, ValueError, RuntimeError) as exc:
-        raise InputError(f"{path}: invalid ONNX model ({_first_line(exc)})") from None
+        raise InputError(f"{path}: invalid ONNX model ({first_line(exc)})") from None
     return model, bool(external)

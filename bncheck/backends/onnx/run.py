@@ -14,7 +14,7 @@ from onnx import ModelProto, TensorProto
 
 from bncheck.atomic import temp_beside
 from bncheck.backends.onnx.load import iter_tensors
-from bncheck.errors import InputError
+from bncheck.errors import InputError, first_line
 
 __all__ = ["EXTERNAL_DATA_THRESHOLD", "make_session", "ort_message", "save_onnx"]
 
@@ -31,7 +31,7 @@ _SOURCE_LOC = re.compile(r"^\S+\.(?:h|cc|cpp):\d+ ")
 def ort_message(exc: BaseException) -> str:
     """One readable line from an onnxruntime exception: the status prefix and the C++
     source location and function signature it often starts with are dropped."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = first_line(exc, limit=10_000)
     text = _ORT_PREFIX.sub("", text)
     if _SOURCE_LOC.match(text):
         # "file.h:46 void ns::f(args…) message": skip up to the signature's closing paren.

@@ -12,8 +12,8 @@ import numpy as np
 
 from bncheck.backends.base import ModelHandle
 from bncheck.backends.torch.discover import build_info, class_name
-from bncheck.backends.torch.load import _first_line, load_torch, quiet_torch
-from bncheck.errors import InputError
+from bncheck.backends.torch.load import load_torch, quiet_torch
+from bncheck.errors import InputError, first_line
 from bncheck.layers import FoldStep, ModelInfo
 
 __all__ = ["TorchHandle", "open_torch"]
@@ -146,7 +146,7 @@ class TorchHandle(ModelHandle):
             with torch.inference_mode(), quiet_torch():
                 out = self.runnable()(*tensors)
         except Exception as exc:
-            raise InputError(f"{self.path}: the model failed to run: {_first_line(exc)}") from None
+            raise InputError(f"{self.path}: the model failed to run: {first_line(exc)}") from None
         return [t.detach().float().cpu().numpy() if t.dtype == torch.bfloat16 else
                 t.detach().cpu().numpy() for t in _flat_tensors(out)]  # fmt: skip
 
@@ -294,7 +294,7 @@ class TorchHandle(ModelHandle):
             except InputError:
                 raise
             except Exception as exc:
-                return None, f"could not trace the model: {_first_line(exc)}"
+                return None, f"could not trace the model: {first_line(exc)}"
 
     def _eager_outputs(self) -> tuple[Any, ...]:
         import torch

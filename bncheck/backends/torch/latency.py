@@ -14,8 +14,8 @@ from collections.abc import Mapping
 import numpy as np
 
 from bncheck.backends.base import LatencyRunner
-from bncheck.backends.torch.load import _first_line, quiet_torch
-from bncheck.errors import InputError
+from bncheck.backends.torch.load import quiet_torch
+from bncheck.errors import InputError, first_line
 
 __all__ = ["latency_runner"]
 
@@ -77,7 +77,7 @@ def latency_runner(
         try:
             module = torch.compile(module)
         except Exception as exc:
-            raise InputError(f"{path}: torch.compile failed: {_first_line(exc)}") from None
+            raise InputError(f"{path}: torch.compile failed: {first_line(exc)}") from None
         engine = "torch.compile (inductor)"
 
     def run() -> None:
@@ -91,7 +91,7 @@ def latency_runner(
                 torch.cuda.synchronize()
     except Exception as exc:
         what = "torch.compile failed on this machine" if compile else "the model failed to run"
-        raise InputError(f"{path}: {what}: {_first_line(exc)}") from None
+        raise InputError(f"{path}: {what}: {first_line(exc)}") from None
 
     used = torch.get_num_threads()
     runner = LatencyRunner(

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from bncheck.backends.torch.graph import BN_OPS, op_args, packet
-from bncheck.errors import InputError
+from bncheck.errors import InputError, first_line
 from bncheck.numerics import Moments
 
 MomentRunner = Callable[[Mapping[str, np.ndarray]], tuple[list[np.ndarray], dict[str, Moments]]]
@@ -201,7 +201,7 @@ def moment_runner(handle: Any, *, batch_stats: bool) -> MomentRunner:
         except InputError:
             raise
         except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = first_line(exc)
             raise InputError(f"{handle.path}: the model failed to run: {first}") from None
         outs = [
             (t.float() if t.dtype == torch.bfloat16 else t).detach().cpu().numpy()
