@@ -14,7 +14,6 @@ Formats (``kind`` comes from ``bncheck.backends.sniff``):
 from __future__ import annotations
 
 import contextlib
-import importlib
 import io
 import json
 import logging
@@ -22,7 +21,6 @@ import os
 import pickle
 import re
 import struct
-import sys
 import warnings
 import zipfile
 from collections.abc import Iterator, Mapping
@@ -30,7 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bncheck.errors import InputError, UnsafeInputError
+from bncheck.backends.torch.arch import build_arch, load_into
+from bncheck.errors import InputError, UnsafeInputError, first_line
 
 # Decompressed bytes a model file may expand to. Generous for real checkpoints, small enough that
 # a crafted header cannot make us allocate without bound.
@@ -72,12 +71,6 @@ def quiet_torch() -> Iterator[None]:
             yield
     finally:
         logger.setLevel(level)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    line = text.splitlines()[0] if text else type(exc).__name__
-    return line if len(line) <= 300 else line[:297] + "..."
 
 
 # ---------------------------------------------------------------------------------------- zips
@@ -191,7 +184,7 @@ def _check_weights_only(path: Path, zf: zipfile.ZipFile, member: str, r: str, re
     except pickle.UnpicklingError as exc:
         refuse(r, f"holds pickled Python objects ({_unpickling_detail(exc)})")
     except Exception as exc:
-        raise InputError(f"{path}: member {r!r} cannot be read ({_first_line(exc)})") from None
+        raise InputError(f"{path}: member {r!r} cannot be read ({first_line(exc)})") from None
 
 
 def _check_payload_config(
@@ -249,7 +242,7 @@ def _unpickling_detail(exc: BaseException) -> str:
     found = re.findall(r"GLOBAL ([\w.]+)", str(exc))
     if found:
         return "e.g. " + found[0]
-    return _first_line(exc)
+    return first_line(exc)
 
 
 def _torch_load(path: Path, *, trust_pickle: bool) -> Any:
@@ -264,12 +257,12 @@ def _torch_load(path: Path, *, trust_pickle: bool) -> Any:
                 f"{path}: holds pickled Python objects ({_unpickling_detail(exc)}); {_TRUST_HINT}"
             ) from None
     except Exception as exc:
-        raise InputError(f"{path}: not a readable PyTorch file ({_first_line(exc)})") from None
+        raise InputError(f"{path}: not a readable PyTorch file ({first_line(exc)})") from None
     try:
         with quiet_torch():
             return torch.load(path, weights_only=False, map_location="cpu")
     except Exception as exc:
-        raise InputError(f"{path}: could not be unpickled ({_first_line(exc)})") from None
+        raise InputError(f"{path}: could not be unpickled ({first_line(exc)})") from None
 
 
 def _as_state_dict(obj: Any) -> dict[str, Any] | None:
@@ -331,74 +324,6 @@ def validate_safetensors(path: Path) -> None:
             )
 
 
-# ----------------------------------------------------------------------------------------- arch
-
-
-def build_arch(spec: str, kwargs: dict[str, Any] | None) -> Any:
-    """Import ``pkg.module:factory`` (cwd on sys.path) and call ``factory(**kwargs)``."""
-    import torch
-
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr or ":" in attr:
-        raise InputError(f"--arch {spec!r}: expected 'pkg.module:factory'")
-    cwd = os.getcwd()
-    added = cwd not in sys.path
-    if added:
-        sys.path.insert(0, cwd)
-    try:
-        mod = importlib.import_module(module_name)
-    except Exception as exc:
-        raise InputError(
-            f"--arch {spec!r}: cannot import {module_name!r} ({_first_line(exc)})"
-        ) from None
-    finally:
-        if added:
-            with contextlib.suppress(ValueError):
-                sys.path.remove(cwd)
-    factory: Any = mod
-    for part in attr.split("."):
-        if not hasattr(factory, part):
-            raise InputError(f"--arch {spec!r}: module {module_name!r} has no attribute {attr!r}")
-        factory = getattr(factory, part)
-    if not callable(factory):
-        raise InputError(f"--arch {spec!r}: {attr!r} is not callable")
-    try:
-        model = factory(**(kwargs or {}))
-    except Exception as exc:
-        raise InputError(
-            f"--arch {spec!r}: the factory raised {type(exc).__name__}: {_first_line(exc)}"
-        ) from None
-    if not isinstance(model, torch.nn.Module):
-        raise InputError(f"--arch {spec!r}: returned {type(model).__name__}, not a torch.nn.Module")
-    return model
-
-
-def load_into(path: Path, model: Any, state: dict[str, Any], spec: str) -> None:
-    """``load_state_dict(strict=True, assign=True)`` (keeps the file's dtypes), after checking keys
-    and shapes so the error lists what differs."""
-    expected = model.state_dict()
-    if not set(state) & set(expected) and all(k.startswith("module.") for k in state):
-        state = {k[len("module.") :]: v for k, v in state.items()}  # saved from DataParallel/DDP
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    shapes = [
-        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and tuple(state[k].shape) != tuple(v.shape)
-    ]
-    problems = []
-    for label, items in (("missing", missing), ("unexpected", unexpected), ("shape", shapes)):
-        if items:
-            more = f" (+{len(items) - 3} more)" if len(items) > 3 else ""
-            problems.append(f"{label}: {', '.join(items[:3])}{more}")
-    if problems:
-        raise InputError(f"{path}: does not match --arch {spec}: {'; '.join(problems)}")
-    try:
-        model.load_state_dict(state, strict=True, assign=True)
-    except Exception as exc:
-        raise InputError(f"{path}: load_state_dict failed ({_first_line(exc)})") from None
-
-
 # ----------------------------------------------------------------------------------------- entry
 
 
@@ -419,7 +344,7 @@ def load_torch(
             with quiet_torch(), open(path, "rb") as f:
                 ep = torch.export.load(f)
         except Exception as exc:
-            raise InputError(f"{path}: not a loadable .pt2 archive ({_first_line(exc)})") from None
+            raise InputError(f"{path}: not a loadable .pt2 archive ({first_line(exc)})") from None
         with quiet_torch():
             module = ep.module()
         return Loaded("pt2", module, ep)
@@ -436,7 +361,7 @@ def load_torch(
                 return Loaded("torchscript", torch.jit.load(str(path), map_location="cpu"))
         except Exception as exc:
             raise InputError(
-                f"{path}: not a loadable TorchScript file ({_first_line(exc)})"
+                f"{path}: not a loadable TorchScript file ({first_line(exc)})"
             ) from None
     if kind == "safetensors":
         validate_safetensors(path)
@@ -446,7 +371,7 @@ def load_torch(
             state: dict[str, Any] | None = load_file(str(path), device="cpu")
         except Exception as exc:
             raise InputError(
-                f"{path}: not a readable safetensors file ({_first_line(exc)})"
+                f"{path}: not a readable safetensors file ({first_line(exc)})"
             ) from None
         return _from_state(path, state, arch, arch_kwargs, "safetensors")
     if kind not in ("torch_zip", "pickle"):
