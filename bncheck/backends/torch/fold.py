@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from bncheck.backends.torch.attrs import delete, fresh_name, get, is_param, read_counts, store
 from bncheck.backends.torch.discover import eager_pairs, layer_calls
 from bncheck.backends.torch.graph import BNCall, GraphView, op_args, packet
 from bncheck.layers import BNLayer, FoldStep
@@ -69,76 +70,6 @@ def _to_torch(a: np.ndarray, dtype: Any, what: str) -> Any:
     return torch.from_numpy(np.ascontiguousarray(a)).to(dtype)
 
 
-def _owner(gm: Any, fqn: str, create: bool = False) -> tuple[Any, str]:
-    import torch
-
-    path, _, leaf = fqn.rpartition(".")
-    mod = gm
-    for part in path.split(".") if path else ():
-        if not hasattr(mod, part):
-            if not create:
-                raise AttributeError(fqn)
-            mod.add_module(part, torch.nn.Module())
-        mod = getattr(mod, part)
-    return mod, leaf
-
-
-def _has(gm: Any, fqn: str) -> bool:
-    try:
-        mod, leaf = _owner(gm, fqn)
-    except AttributeError:
-        return False
-    return leaf in mod.__dict__ or leaf in mod._parameters or leaf in mod._buffers or (
-        leaf in mod._modules
-    )  # fmt: skip
-
-
-def _store(gm: Any, fqn: str, value: Any, *, param: bool) -> None:
-    """Bind ``fqn`` to a new tensor (the old tensor object is dropped, never written to)."""
-    import torch
-
-    mod, leaf = _owner(gm, fqn, create=True)
-    for table in (mod._parameters, mod._buffers):
-        table.pop(leaf, None)
-    mod.__dict__.pop(leaf, None)
-    if param:
-        mod.register_parameter(leaf, torch.nn.Parameter(value, requires_grad=False))
-    else:
-        mod.register_buffer(leaf, value)
-
-
-def _delete(gm: Any, fqn: str) -> None:
-    try:
-        mod, leaf = _owner(gm, fqn)
-    except AttributeError:
-        return
-    for table in (mod._parameters, mod._buffers):
-        table.pop(leaf, None)
-    mod.__dict__.pop(leaf, None)
-
-
-def _is_param(gm: Any, fqn: str) -> bool:
-    mod, leaf = _owner(gm, fqn)
-    return leaf in mod._parameters
-
-
-def _fresh(gm: Any, fqn: str) -> str:
-    name, n = fqn, 0
-    while _has(gm, name):
-        n += 1
-        name = f"{fqn}_folded{'' if n == 1 else n}"
-    return name
-
-
-def _read_targets(gm: Any) -> dict[str, int]:
-    """get_attr target → number of nodes reading it (summed over duplicate get_attr nodes)."""
-    out: dict[str, int] = {}
-    for n in gm.graph.nodes:
-        if n.op == "get_attr":
-            out[n.target] = out.get(n.target, 0) + len(n.users)
-    return out
-
-
 # ------------------------------------------------------------------------------ the rewrite
 
 
@@ -170,11 +101,11 @@ def _rewrite_weights(gm: Any, node: Any, w64: np.ndarray, b64: np.ndarray) -> No
     other readers and ``node`` gets a new attribute. A missing bias becomes a new attribute
     passed as the op's ``bias`` argument."""
     w_node, b_node = _weights(gm, node)
-    w_old = getattr(*_owner(gm, w_node.target))
-    b_old = getattr(*_owner(gm, b_node.target)) if b_node is not None else None
+    w_old = get(gm, w_node.target)
+    b_old = get(gm, b_node.target) if b_node is not None else None
     w_new = _to_torch(w64, w_old.dtype, "weights")
     b_new = _to_torch(b64, (b_old if b_old is not None else w_old).dtype, "bias")
-    readers = _read_targets(gm)
+    readers = read_counts(gm)
     prefix = w_node.target.rpartition(".")[0]
     for arg, old_node, value in (("weight", w_node, w_new), ("bias", b_node, b_new)):
         if (
@@ -182,12 +113,12 @@ def _rewrite_weights(gm: Any, node: Any, w64: np.ndarray, b64: np.ndarray) -> No
             and readers.get(old_node.target, 0) == 1
             and len(old_node.users) == 1
         ):
-            _store(gm, old_node.target, value, param=_is_param(gm, old_node.target))
+            store(gm, old_node.target, value, param=is_param(gm, old_node.target))
             continue
         base = old_node.target if old_node is not None else (f"{prefix}.bias" if prefix else "bias")
-        target = _fresh(gm, base)
-        param = _is_param(gm, old_node.target if old_node is not None else w_node.target)
-        _store(gm, target, value, param=param)
+        target = fresh_name(gm, base)
+        param = is_param(gm, old_node.target if old_node is not None else w_node.target)
+        store(gm, target, value, param=param)
         with gm.graph.inserting_before(node):
             new_node = gm.graph.get_attr(target)
         _set_arg(node, arg, new_node)
@@ -227,9 +158,7 @@ def _fold(gm: Any, layer: BNLayer, call: BNCall) -> None:
     if layer.fold.into == "producer":
         prod = call.input
         op, groups = _kind(prod)
-        w, b = (
-            getattr(*_owner(gm, n.target)) if n is not None else None for n in _weights(gm, prod)
-        )
+        w, b = (get(gm, n.target) if n is not None else None for n in _weights(gm, prod))
         w2, b2 = fold_into_producer(_f64(w), _f64(b), s, t, op=op, groups=groups)
         _rewrite_weights(gm, prod, w2, b2)
         call.output.replace_all_uses_with(prod)
@@ -239,9 +168,7 @@ def _fold(gm: Any, layer: BNLayer, call: BNCall) -> None:
             raise _Skip(f"BN output feeds {len(users)} nodes")
         cons = users[0]
         op, groups = _kind(cons)
-        w, b = (
-            getattr(*_owner(gm, n.target)) if n is not None else None for n in _weights(gm, cons)
-        )
+        w, b = (get(gm, n.target) if n is not None else None for n in _weights(gm, cons))
         try:
             w2, b2 = fold_into_consumer(_f64(w), _f64(b), s, t, op=op, groups=groups)
         except ValueError as exc:
@@ -274,9 +201,9 @@ def _to_affine(gm: Any, layer: BNLayer, calls: list[BNCall]) -> None:
     s_t = _to_torch(s.reshape(shape), val.dtype, "scale")
     t_t = _to_torch(t.reshape(shape), val.dtype, "shift")
     base = layer.name or "bn"
-    names = [_fresh(gm, f"{base}.affine_scale"), _fresh(gm, f"{base}.affine_shift")]
+    names = [fresh_name(gm, f"{base}.affine_scale"), fresh_name(gm, f"{base}.affine_shift")]
     for name, value in zip(names, (s_t, t_t), strict=True):
-        _store(gm, name, value, param=False)
+        store(gm, name, value, param=False)
     for call in calls:
         with gm.graph.inserting_before(call.output):
             s_n, t_n = gm.graph.get_attr(names[0]), gm.graph.get_attr(names[1])
@@ -310,7 +237,7 @@ def fold_graph(handle: Any, *, affine: bool = False) -> tuple[Any, list[FoldStep
         warnings.simplefilter("ignore")  # deepcopy of a GraphModule warns about pytree internals
         gm = copy.deepcopy(handle.exported.module())
     nodes = {n.name: n for n in gm.graph.nodes}
-    read_before = set(_read_targets(gm))
+    read_before = set(read_counts(gm))
     removed: list[str] = []
     steps: list[FoldStep] = []
     for layer in info.bn_layers:
@@ -350,11 +277,11 @@ def _drop_dead_tensors(gm: Any, read_before: set[str], removed: list[str]) -> No
     for n in list(gm.graph.nodes):
         if n.op == "get_attr" and not n.users:
             gm.graph.erase_node(n)
-    read_after = set(_read_targets(gm))
+    read_after = set(read_counts(gm))
     dead = read_before - read_after
     dead |= {f"{name}.{k}" if name else k for name in removed for k in _BN_TENSORS}
     for fqn in dead - read_after:
-        _delete(gm, fqn)
+        delete(gm, fqn)
 
 
 def _reexport(handle: Any, gm: Any) -> Any:
