@@ -111,6 +111,7 @@ def main() -> None:
         f"digits: {len(x_tr)} train, {len(x_adapt)} unlabelled adaptation, {len(x_ev)} "
         f"evaluation; recalibration batch {args.batch_size}"
     )
+    torch.manual_seed(args.seed)  # the initial weights too: the table must be reproducible
     model = DigitsNet()
     t0 = time.perf_counter()
     train(model, x_tr, y_tr, args.epochs, args.seed)
