@@ -122,11 +122,23 @@ class TorchHandle(ModelHandle):
         """Inference forward on CPU under ``torch.inference_mode``.
 
         The model runs as it is deployed for inference: an eager model in eval mode (an eval
-        copy; the handle's module keeps its mode), a .pt2 as its graph was exported. Inputs are
-        matched by forward-argument name (a single feed goes to a single input whatever its
-        name); floating-point feeds are cast to the model's input dtype (numpy has no bfloat16).
-        Outputs are flattened (tuple/list/dict → list, in order) to numpy, bfloat16 → float32.
+        copy; the handle's module keeps its mode), a .pt2 as its graph was exported. Inputs as
+        :meth:`input_tensors` makes them, outputs as :func:`numpy_outputs` flattens them.
         """
+        import torch
+
+        tensors = self.input_tensors(feeds)
+        try:
+            with torch.inference_mode(), quiet_torch():
+                out = self.runnable()(*tensors)
+        except Exception as exc:
+            raise InputError(f"{self.path}: the model failed to run: {first_line(exc)}") from None
+        return numpy_outputs(out)
+
+    def input_tensors(self, feeds: Mapping[str, np.ndarray]) -> list[Any]:
+        """``feeds`` as the forward's positional tensors (CPU): matched by argument name, a
+        single feed going to a single input whatever its name; floating-point feeds cast to the
+        model's input dtype (numpy has no bfloat16)."""
         import torch
 
         names = list(self.example_named) or list(feeds)
@@ -142,13 +154,7 @@ class TorchHandle(ModelHandle):
             t = tensors[i]
             if t.is_floating_point() and ref.is_floating_point() and t.dtype != ref.dtype:
                 tensors[i] = t.to(ref.dtype)
-        try:
-            with torch.inference_mode(), quiet_torch():
-                out = self.runnable()(*tensors)
-        except Exception as exc:
-            raise InputError(f"{self.path}: the model failed to run: {first_line(exc)}") from None
-        return [t.detach().float().cpu().numpy() if t.dtype == torch.bfloat16 else
-                t.detach().cpu().numpy() for t in _flat_tensors(out)]  # fmt: skip
+        return tensors
 
     def folded(self, *, affine: bool = False) -> tuple[TorchHandle, list[FoldStep]]:
         """Fold the BNs ``info()`` marks foldable (``affine``: the rest become ``x·s + t``).
@@ -317,6 +323,17 @@ def _seeded_randn(shape: Any, dtype: Any) -> Any:
 
     gen = torch.Generator().manual_seed(0)
     return torch.randn(tuple(shape), generator=gen).to(dtype)
+
+
+def numpy_outputs(out: Any) -> list[np.ndarray]:
+    """A model's outputs flattened (tuple/list/dict → list, in order) to numpy; bfloat16, which
+    numpy lacks, as float32."""
+    import torch
+
+    return [
+        (t.float() if t.dtype == torch.bfloat16 else t).detach().cpu().numpy()
+        for t in _flat_tensors(out)
+    ]
 
 
 def _flat_tensors(out: Any) -> list[Any]:

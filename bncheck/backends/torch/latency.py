@@ -20,17 +20,6 @@ from bncheck.errors import InputError, first_line
 __all__ = ["latency_runner"]
 
 
-def _args(handle: object, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-    """Feeds in forward-argument order (one feed for a one-input model, whatever its name)."""
-    names = list(handle.example_named) or list(feeds)  # type: ignore[attr-defined]
-    if len(feeds) == 1 and len(names) == 1:
-        return [next(iter(feeds.values()))]
-    missing = [n for n in names if n not in feeds]
-    if missing:
-        raise InputError(f"{handle.path}: no input data for model input {missing[0]!r}")  # type: ignore[attr-defined]
-    return [feeds[n] for n in names]
-
-
 def latency_runner(
     handle: object,
     feeds: Mapping[str, np.ndarray],
@@ -66,7 +55,7 @@ def latency_runner(
     # and moving it to CUDA leaves the handle's own module on CPU.
     with quiet_torch():
         module = copy.deepcopy(handle.runnable())  # type: ignore[attr-defined]
-    tensors = [torch.from_numpy(np.ascontiguousarray(a)) for a in _args(handle, feeds)]
+    tensors = handle.input_tensors(feeds)  # type: ignore[attr-defined]
     if device == "cuda":
         module = module.to("cuda")
         tensors = [t.to("cuda") for t in tensors]

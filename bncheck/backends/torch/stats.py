@@ -109,7 +109,7 @@ def moment_runner(handle: Any, *, batch_stats: bool) -> MomentRunner:
     import torch
     import torch.nn.functional as F
 
-    from bncheck.backends.torch import _flat_tensors
+    from bncheck.backends.torch import numpy_outputs
     from bncheck.backends.torch.load import quiet_torch
 
     ep = handle.exported
@@ -183,18 +183,10 @@ def moment_runner(handle: Any, *, batch_stats: bool) -> MomentRunner:
             gm.graph.erase_node(node)
         replaced += 1
     gm.recompile()
-    order = list(handle.example_named)
 
     def run(feeds: Mapping[str, np.ndarray]) -> tuple[list[np.ndarray], dict[str, Moments]]:
         current.clear()
-        if len(feeds) == 1 and len(order) <= 1:
-            args = [next(iter(feeds.values()))]
-        else:
-            missing = [n for n in order if n not in feeds]
-            if missing:
-                raise InputError(f"{handle.path}: no data for model input {missing[0]!r}")
-            args = [feeds[n] for n in order]
-        tensors = [torch.from_numpy(np.ascontiguousarray(x)) for x in args]
+        tensors = handle.input_tensors(feeds)
         try:
             with torch.no_grad(), quiet_torch():
                 out = gm(*tensors)
@@ -203,10 +195,7 @@ def moment_runner(handle: Any, *, batch_stats: bool) -> MomentRunner:
         except Exception as exc:
             first = first_line(exc)
             raise InputError(f"{handle.path}: the model failed to run: {first}") from None
-        outs = [
-            (t.float() if t.dtype == torch.bfloat16 else t).detach().cpu().numpy()
-            for t in _flat_tensors(out)
-        ]
+        outs = numpy_outputs(out)
         return outs, dict(current)
 
     return run
