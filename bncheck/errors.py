@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import zipfile
+from pathlib import Path
 
 
 class ExitCode(enum.IntEnum):
@@ -40,6 +41,26 @@ class VerificationError(BncheckError):
 # zipfile raises all of these on a malformed archive (a name flagged UTF-8 that is not, an
 # unsupported version, truncated records), not only BadZipFile: loaders catch them together.
 ZIP_ERRORS = (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError)
+
+
+def zip_names(path: Path, head: bytes) -> list[str] | None:
+    """The member names of the zip archive at ``path`` (whose first bytes are ``head``), None
+    when it is no zip; InputError when it is a damaged one.
+
+    ``zipfile.is_zipfile`` itself raises on some damaged end records (a zip64 locator that
+    claims several disks): such a file counts as a zip, and opening it reports the damage.
+    """
+    if not head.startswith(b"PK\x03\x04"):
+        try:
+            if not zipfile.is_zipfile(path):
+                return None
+        except ZIP_ERRORS:
+            pass
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return zf.namelist()
+    except ZIP_ERRORS as exc:
+        raise InputError(f"{path}: damaged zip archive ({exc})") from None
 
 
 def first_line(exc: BaseException, limit: int = 300) -> str:

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from bncheck.errors import ZIP_ERRORS, InputError, first_line
+from bncheck.errors import InputError, first_line, zip_names
 from bncheck.layers import TensorSpec
 
 
@@ -33,20 +33,6 @@ class Column(Protocol):
     def batches(self, bounds: Sequence[tuple[int, int]]) -> Iterator[Any]: ...
 
 
-def is_zip(path: Path, head: bytes) -> bool:
-    """Whether ``path`` (whose first bytes are ``head``) is a zip archive, damaged or not.
-
-    ``zipfile.is_zipfile`` itself raises on some damaged end records (a zip64 record that
-    claims several disks): such a file is a zip, and opening it reports the damage cleanly.
-    """
-    if head.startswith(b"PK\x03\x04"):
-        return True
-    try:
-        return zipfile.is_zipfile(path)
-    except ZIP_ERRORS:
-        return True
-
-
 def sniff_data(path: Path) -> str:
     """Say what a data path holds: ``npy``, ``npz``, ``pt``, ``images`` (a folder) or ``image``."""
     if not path.exists():
@@ -59,12 +45,8 @@ def sniff_data(path: Path) -> str:
         head = f.read(8)
     if head.startswith(b"\x93NUMPY"):
         return "npy"
-    if is_zip(path, head):
-        try:
-            with zipfile.ZipFile(path) as zf:
-                names = zf.namelist()
-        except ZIP_ERRORS as exc:
-            raise InputError(f"{path}: damaged zip archive ({exc})") from None
+    names = zip_names(path, head)
+    if names is not None:
         if any(n.endswith("data.pkl") for n in names):
             return "pt"
         if names and all(n.endswith(".npy") for n in names):

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import os
 import struct
-import zipfile
 from pathlib import Path
 from typing import Any
 
 from bncheck.backends.base import ModelHandle
-from bncheck.errors import ZIP_ERRORS, InputError
-from bncheck.readers import is_zip
+from bncheck.errors import InputError, zip_names
 
 __all__ = ["ModelHandle", "open_model", "sniff"]
 
@@ -33,8 +31,9 @@ def sniff(path: Path) -> str:
         raise InputError(f"{path}: empty file")
     with open(path, "rb") as f:
         head = f.read(16)
-    if is_zip(path, head):
-        return _sniff_zip(path)
+    names = zip_names(path, head)
+    if names is not None:
+        return _sniff_zip(path, names)
     if head[:1] == b"\x80" and len(head) > 1 and head[1] in range(2, 6):
         return "pickle"
     if len(head) >= 9:
@@ -48,12 +47,7 @@ def sniff(path: Path) -> str:
     raise InputError(f"{path}: not {what} (unrecognised content)")
 
 
-def _sniff_zip(path: Path) -> str:
-    try:
-        with zipfile.ZipFile(path) as zf:
-            names = zf.namelist()
-    except ZIP_ERRORS as exc:
-        raise InputError(f"{path}: damaged zip archive ({exc})") from None
+def _sniff_zip(path: Path, names: list[str]) -> str:
     # torch.export writes <name>/archive_format holding "pt2"; TorchScript never does.
     if any(n == "archive_format" or n.endswith("/archive_format") for n in names):
         return "pt2"
