@@ -33,6 +33,7 @@ import models
 from bncheck.api import open_model
 from bncheck.backends.torch.latency import latency_runner
 from bncheck.bench import measure
+from bncheck.sample_export import export_pt2
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,11 +68,8 @@ def resnet18(batch: int, tmp: Path):
     torch.manual_seed(0)
     model = models.randomize_bn(models.resnet18(norm=True)).eval()
     example = torch.randn(2, 3, 224, 224)
-    ep = torch.export.export(
-        model, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), strict=False
-    )
     path = tmp / "resnet18.pt2"
-    torch.export.save(ep, str(path))
+    export_pt2(model, example, path)
     x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224)).astype(np.float32)
     return open_model(path), {"x": x}
 

@@ -34,17 +34,7 @@ import models
 
 import bncheck
 from bncheck.bench import compare
-from bncheck.sample_export import export_onnx_keep_bn
-
-
-def export_pt2(model: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
-    batch = torch.export.Dim("batch", min=1, max=1024)
-    ep = torch.export.export(model, (example,), dynamic_shapes=({0: batch},), strict=False)
-    torch.export.save(ep, str(path))
-
-
-def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
-    export_onnx_keep_bn(model, example, path, ["logits"])
+from bncheck.sample_export import export_onnx_keep_bn, export_pt2
 
 
 def torch_runner(module, x):
@@ -91,8 +81,8 @@ def bench_model(name: str, factory, batch: int, threads: int, rounds: int, tmp: 
         tmp / f"{name}_floor.onnx",
     )
     export_pt2(with_bn, example, src_pt2)
-    export_onnx(with_bn, example, src_onnx)
-    export_onnx(floor, example, floor_onnx)
+    export_onnx_keep_bn(with_bn, example, src_onnx, ["logits"])
+    export_onnx_keep_bn(floor, example, floor_onnx, ["logits"])
     fold_pt2 = bncheck.fold(src_pt2, tmp / f"{name}_folded.pt2", verify=False).output
     fold_onnx = bncheck.fold(src_onnx, tmp / f"{name}_folded.onnx", verify=False).output
     folded_module = bncheck.open_model(fold_pt2).module

@@ -45,18 +45,15 @@ import models
 import bncheck
 from bncheck.bench import compare
 from bncheck.numerics import Moments
-from bncheck.sample_export import export_onnx_keep_bn
+from bncheck.sample_export import export_onnx_keep_bn, export_pt2
 
 
-def run_pass(handle, key: str, batches: list[np.ndarray]) -> Callable[[], None]:
-    runner = handle.moment_runner(batch_stats=True)
+def whole(step: Callable[[np.ndarray], None], batches: list[np.ndarray]) -> Callable[[], None]:
+    """One call = ``step`` on every batch in turn."""
 
     def go() -> None:
-        acc: dict[str, Moments] = {}
         for x in batches:
-            _, moments = runner({key: x})
-            for k, m in moments.items():
-                acc[k] = acc[k] + m if k in acc else m
+            step(x)
 
     return go
 
@@ -130,18 +127,15 @@ def main() -> None:
         pt2, onx, npy = Path(d) / "r18.pt2", Path(d) / "r18.onnx", Path(d) / "data.npy"
         np.save(npy, np.concatenate(batches))
         example = torch.from_numpy(batches[0][:2])
-        batch = torch.export.Dim("batch", min=1, max=1024)
-        ep = torch.export.export(model, (example,), dynamic_shapes=({0: batch},), strict=False)
-        torch.export.save(ep, str(pt2))
+        export_pt2(model, example, pt2)
         export_onnx_keep_bn(model, example, onx, ["logits"])
         th = bncheck.open_model(pt2)
         oh = bncheck.open_model(onx)
         graph = th.runnable()
 
-        def torch_plain() -> None:
+        def torch_plain(x: np.ndarray) -> None:
             with torch.inference_mode():
-                for x in batches:
-                    graph(torch.from_numpy(x))
+                graph(torch.from_numpy(x))
 
         def swa_update_bn() -> None:
             from torch.optim.swa_utils import update_bn
@@ -158,17 +152,17 @@ def main() -> None:
         sess_opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         sess = ort.InferenceSession(str(onx), sess_opts, providers=["CPUExecutionProvider"])
 
-        def ort_plain() -> None:
-            for x in batches:
-                sess.run(None, {"input": x})
+        def ort_plain(x: np.ndarray) -> None:
+            sess.run(None, {"input": x})
 
+        torch_pass, ort_pass = pass_step(th, "x"), pass_step(oh, "input")
         rows: list[tuple[str, Callable[[], None]]] = [
-            ("torch: plain inference (traced graph)", torch_plain),
-            ("torch: bncheck recalibration pass", run_pass(th, "x", batches)),
+            ("torch: plain inference (traced graph)", whole(torch_plain, batches)),
+            ("torch: bncheck recalibration pass", whole(torch_pass, batches)),
             ("torch: bncheck.recalibrate end to end (compare=False)", api_recalibrate),
             ("torch: swa_utils.update_bn (eager)", swa_update_bn),
-            ("onnxruntime: plain inference (ORT_DISABLE_ALL)", ort_plain),
-            ("onnxruntime: bncheck recalibration pass", run_pass(oh, "input", batches)),
+            ("onnxruntime: plain inference (ORT_DISABLE_ALL)", whole(ort_plain, batches)),
+            ("onnxruntime: bncheck recalibration pass", whole(ort_pass, batches)),
         ]
         for _, fn in rows:  # warm-up: first-call allocations, lazy tracing, session start
             fn()
@@ -178,17 +172,10 @@ def main() -> None:
                 t0 = time.perf_counter()
                 fn()
                 times[label].append(time.perf_counter() - t0)
-
-        def torch_plain_step(x: np.ndarray) -> None:
-            with torch.inference_mode():
-                graph(torch.from_numpy(x))
-
         paired = paired_rows(
             [
-                ("torch: bncheck recalibration pass", "torch plain", pass_step(th, "x"),
-                 torch_plain_step),
-                ("onnxruntime: bncheck recalibration pass", "ORT plain", pass_step(oh, "input"),
-                 lambda x: sess.run(None, {"input": x})),
+                ("torch: bncheck recalibration pass", "torch plain", torch_pass, torch_plain),
+                ("onnxruntime: bncheck recalibration pass", "ORT plain", ort_pass, ort_plain),
             ],
             batches,
             args.rounds,
