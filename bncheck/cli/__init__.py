@@ -72,6 +72,10 @@ ShapeOpt = Annotated[
         "--input-shape", help="input shape 1,3,224,224, or name=1,3,224,224 per input (repeat)"
     ),
 ]
+InPlaceOpt = Annotated[bool, typer.Option("--in-place", help="allow -o to overwrite the input")]
+MaxBatchesOpt = Annotated[
+    int | None, typer.Option("--max-batches", help="use at most this many batches")
+]
 VerboseOpt = Annotated[bool, typer.Option("-v", "--verbose", help="more detail; tracebacks")]
 QuietOpt = Annotated[bool, typer.Option("-q", "--quiet", help="only the summary line")]
 

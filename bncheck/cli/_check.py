@@ -14,6 +14,7 @@ from bncheck.cli import (
     FailOnOpt,
     FormatOpt,
     IgnoreOpt,
+    MaxBatchesOpt,
     QuietOpt,
     SelectOpt,
     ShapeOpt,
@@ -44,9 +45,7 @@ def check(
     max_samples: Annotated[
         int | None, typer.Option("--max-samples", help="use at most this many samples")
     ] = None,
-    max_batches: Annotated[
-        int | None, typer.Option("--max-batches", help="use at most this many batches")
-    ] = None,
+    max_batches: MaxBatchesOpt = None,
     report: Annotated[
         Path | None,
         typer.Option(

@@ -11,6 +11,7 @@ from bncheck.cli import (
     ArchKwargsOpt,
     ArchOpt,
     FormatOpt,
+    InPlaceOpt,
     QuietOpt,
     ShapeOpt,
     TrustOpt,
@@ -45,9 +46,7 @@ def fold(
     atol: Annotated[
         float | None, typer.Option("--atol", help="absolute tolerance (default by dtype)")
     ] = None,
-    in_place: Annotated[
-        bool, typer.Option("--in-place", help="allow -o to overwrite the input")
-    ] = False,
+    in_place: InPlaceOpt = False,
     fmt: FormatOpt = None,
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,

@@ -14,6 +14,7 @@ from bncheck.cli import (
     FailOnOpt,
     FormatOpt,
     IgnoreOpt,
+    InPlaceOpt,
     QuietOpt,
     SelectOpt,
     ShapeOpt,
@@ -62,9 +63,7 @@ def optimize(
         float, typer.Option("--time-budget", help="seconds of timed calls per model")
     ] = 0.5,
     rounds: RoundsOpt = None,
-    in_place: Annotated[
-        bool, typer.Option("--in-place", help="allow -o to overwrite the input")
-    ] = False,
+    in_place: InPlaceOpt = False,
     fmt: FormatOpt = None,
     fail_on: FailOnOpt = None,
     select: SelectOpt = None,

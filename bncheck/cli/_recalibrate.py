@@ -12,6 +12,8 @@ from bncheck.cli import (
     ArchKwargsOpt,
     ArchOpt,
     FormatOpt,
+    InPlaceOpt,
+    MaxBatchesOpt,
     QuietOpt,
     ShapeOpt,
     TrustOpt,
@@ -41,9 +43,7 @@ def recalibrate(
             help="use at most this many samples (10^3–10^4 is enough for precise BN)",
         ),
     ] = 4096,
-    max_batches: Annotated[
-        int | None, typer.Option("--max-batches", help="use at most this many batches")
-    ] = None,
+    max_batches: MaxBatchesOpt = None,
     mode: Annotated[
         str, typer.Option("--mode", help="exact (population statistics) | ema (moving average)")
     ] = "exact",
@@ -56,7 +56,7 @@ def recalibrate(
     no_compare: Annotated[
         bool, typer.Option("--no-compare", help="skip the before/after mismatch passes")
     ] = False,
-    in_place: Annotated[bool, typer.Option("--in-place", help="overwrite MODEL")] = False,
+    in_place: InPlaceOpt = False,
     fmt: FormatOpt = None,
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
