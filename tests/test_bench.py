@@ -152,17 +152,18 @@ def test_measure_progress_reports_to_the_end() -> None:
 
 
 def test_measure_sleep_runner_median() -> None:
-    # sleep never returns early and overshoots by well under 1 ms on Linux (timer slack 50 µs):
-    # the median lies in [2, 3] ms.
+    # sleep never returns early: the median is at least 2 ms. On an idle machine it overshoots
+    # by well under 1 ms, but a loaded one can wake it late, so the upper bound is only 5×.
     s = measure(lambda: time.sleep(2e-3), warmup=2, min_time_s=0.05, min_iters=15)
-    assert 2e-3 <= s.median <= 3e-3
+    assert 2e-3 <= s.median <= 10e-3
     assert s.n >= 15
 
 
 def test_measure_spin_runner_median() -> None:
-    # A spin wait ends within a few µs of its deadline; 5 % covers a preempted machine.
+    # A spin wait never ends before its deadline, and idle ends within a few µs of it; a loaded
+    # machine preempts some spins, so only the direction and a 5× bound are asserted.
     s = measure(spin(1e-3), warmup=3, min_time_s=0.05, min_iters=20)
-    assert s.median == pytest.approx(1e-3, rel=0.05)
+    assert 1e-3 <= s.median <= 5e-3
 
 
 def test_sync_is_timed_and_called_after_every_call() -> None:
@@ -186,7 +187,7 @@ def test_sync_is_timed_and_called_after_every_call() -> None:
         assert s.seconds.min() >= 20e-3  # the work itself is inside every sample
         assert log == ["run", "sync"] * (s.warmup_iters + s.n)
         unsynced = measure(launch, warmup=0, min_time_s=0.0, min_iters=5, max_iters=5)
-        assert unsynced.median < 5e-3  # what the harness would have reported without sync
+        assert unsynced.median < 4e-3  # without sync: scheduling only, 5× below the work
         sync()
     finally:
         pool.shutdown(wait=True)
