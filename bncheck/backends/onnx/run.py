@@ -32,7 +32,7 @@ def ort_message(exc: BaseException) -> str:
     """One readable line from an onnxruntime exception: the status prefix and the C++
     source location and function signature it often starts with are dropped."""
     text = first_line(exc, limit=10_000)
-    text = _ORT_PREFIX.sub("", text)
+    text = _ORT_PREFIX.sub("", text).removeprefix("Error in execution: ")
     if _SOURCE_LOC.match(text):
         # "file.h:46 void ns::f(args…) message": skip up to the signature's closing paren.
         depth, seen = 0, False
