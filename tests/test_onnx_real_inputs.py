@@ -390,25 +390,6 @@ def test_parameters_are_counted_the_same_in_constants_and_initializers(tmp_path)
 # --- onnxruntime's own log lines ------------------------------------------------------------
 
 
-@pytest.fixture
-def run_cli_fd(capfd, monkeypatch):
-    """Like ``run_cli`` but capturing the file descriptors: onnxruntime logs from C++."""
-    from conftest import CliResult
-
-    from bncheck.cli import main
-
-    monkeypatch.setenv("COLUMNS", "200")
-
-    def run(*args) -> CliResult:
-        capfd.readouterr()
-        with pytest.raises(SystemExit) as exc:
-            main([str(a) for a in args])
-        cap = capfd.readouterr()
-        return CliResult(int(exc.value.code), cap.out, cap.err)
-
-    return run
-
-
 @pytest.mark.parametrize("command", [["bench", "--time-budget", "0.2"], ["check", "--synthetic"]])
 def test_onnxruntime_logs_nothing_before_our_error_line(tmp_path, run_cli_fd, command):
     """A Conv bias of the wrong shape passes onnx's checker and fails in onnxruntime's run,
