@@ -159,11 +159,17 @@ def save(tmp_path: Path, m: onnx.ModelProto, name: str) -> Path:
     ],
 )
 def test_non_positive_dims_are_dynamic(tmp_path, dims, seen):
-    h = open_onnx(save(tmp_path, build(dims, constant_nodes=False), "m.onnx"))
+    m = build(dims, constant_nodes=False)
+    m.graph.value_info.append(
+        helper.make_tensor_value_info("c1", TensorProto.FLOAT, [dims[0], C_OUT, dims[2], dims[3]])
+    )
+    h = open_onnx(save(tmp_path, m, "m.onnx"))
     assert h.info().inputs[0].shape == seen
     assert h.info().outputs[0].shape[0] == seen[0]
+    # Shape inference sees no size below 1 either (it names unknown dims itself).
+    assert not any(isinstance(d, int) and d < 1 for d in h.index.shape("c1"))
     # Every dim the handle's model declares is a positive size or has no value at all.
-    for vi in (*h.model.graph.input, *h.model.graph.output):
+    for vi in (*h.model.graph.input, *h.model.graph.output, *h.model.graph.value_info):
         for d in vi.type.tensor_type.shape.dim:
             assert not d.HasField("dim_value") or d.dim_value > 0
 
