@@ -19,9 +19,10 @@ for equal counts: ``mean_c = Σ_n m_nc/N``, ``M2_c = L·Σ_n v_nc + L·Σ_n (m_n
 ``count = N·L``. The per-sample sums are float32 in onnxruntime, so their rounding grows with L:
 against a float64 reduction of the same activations, the variance of the first BN of published
 Paddle models was off by 6e-7 relative at L = 2,304, 2e-5 at L = 25,600 and 4e-5 at L = 121,600
-(means: 1e-7 to 2e-6). This does not rely on ``training_mode=1``, which onnxruntime's inference builds and older
-opsets do not all support; the running statistics are never touched. float16 / bfloat16 inputs
-are normalized in float32 and cast back (onnxruntime's CPU reductions have no half kernels).
+(means: 1e-7 to 2e-6). This does not rely on ``training_mode=1``, which onnxruntime's inference
+builds and older opsets do not all support; the running statistics are never touched. float16 /
+bfloat16 inputs are normalized in float32 and cast back (onnxruntime's CPU reductions have no
+half kernels).
 Never imports torch.
 """
 
