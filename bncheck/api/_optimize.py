@@ -8,7 +8,7 @@ user gets.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ from bncheck.api._inspect import InspectResult, inspect
 from bncheck.backends import ModelHandle
 from bncheck.errors import InputError
 from bncheck.layers import Finding
+from bncheck.rules_data import RecalibrateThresholds
 
 #: Default latency budget (seconds per engine and batch size): enough for the interleaved
 #: comparison of a small model, short enough that ``make demo`` stays quick.
@@ -90,7 +91,7 @@ def optimize(
     calib_batch_size: int = 32,
     labels: str | os.PathLike[str] | None = None,
     force: bool = False,
-    thresholds: Any | None = None,
+    thresholds: RecalibrateThresholds | Mapping[str, Any] | None = None,
     affine: bool = False,
     verify: bool = True,
     run_bench: bool = True,
