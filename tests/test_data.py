@@ -1,4 +1,4 @@
-"""Tests for bncheck.data (and the readers and image pipeline behind it)."""
+"""Tests for bncheck.data (the source, and the readers and image pipeline behind it)."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ file at once:
   a Fortran-ordered member cannot be read row by row and is loaded whole (``allow_pickle=False``).
 * ``.pt`` — ``torch.load(weights_only=True, mmap=True)``: a tensor, or a dict name → tensor
   (legacy non-zip files cannot be mapped and are loaded whole, still weights-only).
-* a folder of images (or one PNG / JPEG) — see ``bncheck.images``; needs Pillow.
+* a folder of images (or one PNG / JPEG) — see ``bncheck.data.images``; needs Pillow.
 * ``synthetic=True`` — seeded standard-normal input of the model's input shape.
 
 Each batch is C-contiguous, in the model input's dtype, and checked for NaN / Inf as it streams.
@@ -26,10 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from bncheck.errors import InputError
-from bncheck.images import ImageColumn, ImageOptions, list_images
-from bncheck.layers import TensorSpec
-from bncheck.readers import (
+from bncheck.data.images import ImageColumn, ImageOptions, list_images
+from bncheck.data.readers import (
     ArrayColumn,
     Column,
     NpzColumn,
@@ -41,6 +39,8 @@ from bncheck.readers import (
     npz_members,
     sniff_data,
 )
+from bncheck.errors import InputError
+from bncheck.layers import TensorSpec
 
 __all__ = ["DataSource", "ImageOptions", "open_data", "sniff_data"]
 
