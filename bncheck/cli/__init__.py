@@ -76,6 +76,40 @@ InPlaceOpt = Annotated[bool, typer.Option("--in-place", help="allow -o to overwr
 MaxBatchesOpt = Annotated[
     int | None, typer.Option("--max-batches", help="use at most this many batches")
 ]
+DataOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--data",
+        help="data: .npy, .npz, .pt, an image or a folder of images, or pkg.module:function "
+        "(your own code yielding batches; named here only, never from pyproject.toml)",
+    ),
+]
+DataKwargsOpt = Annotated[
+    str | None,
+    typer.Option("--data-kwargs", help="JSON object of keyword arguments for a --data function"),
+]
+# Image preprocessing (a folder of images); defaults from [tool.bncheck.data].
+ResizeOpt = Annotated[
+    int | None,
+    typer.Option("--resize", help="images: shorter side to N, bilinear (torchvision Resize(N))"),
+]
+CropOpt = Annotated[
+    str | None, typer.Option("--crop", help="images: centre crop N, or H,W (after --resize)")
+]
+MeanOpt = Annotated[
+    str | None, typer.Option("--mean", help="images: per-channel mean a,b,c (after --scale)")
+]
+StdOpt = Annotated[str | None, typer.Option("--std", help="images: per-channel std a,b,c")]
+ScaleOpt = Annotated[
+    float | None, typer.Option("--scale", help="images: divide pixels by this (default 255)")
+]
+ChannelOrderOpt = Annotated[
+    str | None, typer.Option("--channel-order", help="images: rgb (default) | bgr (OpenCV)")
+]
+LayoutOpt = Annotated[
+    str | None,
+    typer.Option("--layout", help="images: nchw | nhwc (default: as the model input wants)"),
+]
 VerboseOpt = Annotated[bool, typer.Option("-v", "--verbose", help="more detail; tracebacks")]
 QuietOpt = Annotated[bool, typer.Option("-q", "--quiet", help="only the summary line")]
 
@@ -145,14 +179,7 @@ def common(
     fail_on = fail_on or cfg.get("fail-on", "error")
     if fail_on not in FAIL_ON:
         raise InputError(f"--fail-on {fail_on!r}: choose one of {', '.join(FAIL_ON)}")
-    kwargs = None
-    if arch_kwargs:
-        try:
-            kwargs = json.loads(arch_kwargs)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"--arch-kwargs is not valid JSON ({exc.msg})") from None
-        if not isinstance(kwargs, dict):
-            raise InputError("--arch-kwargs must be a JSON object")
+    kwargs = json_object(arch_kwargs, "--arch-kwargs")
     shapes = parse_input_shapes(input_shape) or parse_input_shapes(cfg.get("input-shape"))
     return Common(
         format=fmt,
@@ -169,6 +196,61 @@ def common(
         quiet=quiet,
         config=cfg,
     )
+
+
+def json_object(text: str | None, option: str) -> dict[str, Any] | None:
+    """``text`` parsed as a JSON object (keyword arguments), None when not given."""
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{option} is not valid JSON ({exc.msg})") from None
+    if not isinstance(value, dict):
+        raise InputError(f"{option} must be a JSON object")
+    return value
+
+
+def data_spec(
+    data: str | None,
+    cfg: Config,
+    *,
+    data_kwargs: str | None = None,
+    resize: int | None = None,
+    crop: str | None = None,
+    mean: str | None = None,
+    std: str | None = None,
+    scale: float | None = None,
+    channel_order: str | None = None,
+    layout: str | None = None,
+    max_samples: int | None = None,
+) -> Any:
+    """``--data`` and its options as a ``bncheck.data.DataSpec`` (None without ``--data``).
+
+    Image options: command line > ``[tool.bncheck.data]`` > defaults. Those given on the
+    command line are refused for data they do not apply to (an .npy, a hook)."""
+    from bncheck.data import DataSpec
+    from bncheck.data.options import image_options
+
+    given = {
+        "--resize": resize,
+        "--crop": crop,
+        "--mean": mean,
+        "--std": std,
+        "--scale": scale,
+        "--channel-order": channel_order,
+        "--layout": layout,
+    }
+    explicit = frozenset(k for k, v in given.items() if v is not None)
+    if data is None:
+        if explicit or data_kwargs:
+            first = sorted(explicit)[0] if explicit else "--data-kwargs"
+            raise InputError(f"{first} applies to --data, which is not given")
+        return None
+    where = f"{cfg.source or 'pyproject.toml'}: [tool.bncheck.data]"
+    images = image_options(given, cfg.get("data") or {}, where)
+    kwargs = json_object(data_kwargs, "--data-kwargs")
+    return DataSpec(data, images=images, kwargs=kwargs, max_samples=max_samples, explicit=explicit)
 
 
 def exit_code_for(findings: list[Finding], fail_on: str) -> int:

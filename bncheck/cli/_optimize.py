@@ -11,17 +11,27 @@ import typer
 from bncheck.cli import (
     ArchKwargsOpt,
     ArchOpt,
+    ChannelOrderOpt,
+    CropOpt,
+    DataKwargsOpt,
+    DataOpt,
     FailOnOpt,
     FormatOpt,
     IgnoreOpt,
     InPlaceOpt,
+    LayoutOpt,
+    MeanOpt,
     QuietOpt,
+    ResizeOpt,
+    ScaleOpt,
     SelectOpt,
     ShapeOpt,
+    StdOpt,
     TrustOpt,
     VerboseOpt,
     app,
     common,
+    data_spec,
     exit_code_for,
     progress_bar,
     render,
@@ -43,9 +53,18 @@ def optimize(
         Path,
         typer.Option("-o", "--output", help="where to write: .onnx, or .pt2 for PyTorch models"),
     ],
-    data: Annotated[
-        Path | None,
-        typer.Option("--data", help="recalibrate on this data first, and verify and time on it"),
+    data: DataOpt = None,
+    data_kwargs: DataKwargsOpt = None,
+    resize: ResizeOpt = None,
+    crop: CropOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    scale: ScaleOpt = None,
+    channel_order: ChannelOrderOpt = None,
+    layout: LayoutOpt = None,
+    max_samples: Annotated[
+        int | None,
+        typer.Option("--max-samples", help="use at most this many samples of --data (each pass)"),
     ] = None,
     calib_batch_size: Annotated[
         int, typer.Option("--calib-batch-size", help="batch size of the recalibration passes")
@@ -86,12 +105,25 @@ def optimize(
     opts = common(
         fmt, fail_on, select, ignore, arch, arch_kwargs, trust_pickle, input_shape, verbose, quiet
     )
+    spec = data_spec(
+        data,
+        opts.config,
+        data_kwargs=data_kwargs,
+        resize=resize,
+        crop=crop,
+        mean=mean,
+        std=std,
+        scale=scale,
+        channel_order=channel_order,
+        layout=layout,
+        max_samples=max_samples,
+    )
     show_bar = opts.format == "text" and not opts.quiet and sys.stderr.isatty()
     with progress_bar(show_bar, "timing") as progress:
         result = run_optimize(
             model,
             output,
-            data=data,
+            data=spec,
             calib_batch_size=calib_batch_size,
             affine=affine,
             run_bench=not no_bench,
