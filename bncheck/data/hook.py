@@ -180,13 +180,11 @@ class HookSource(DataSource):
             for n in self._names
         )
         count = f"{self.num_samples} samples" if self.sized else "samples"
-        sizes = sorted(self._hook_sizes)
-        given = f" (the hook's batches: {', '.join(map(str, sizes[:4]))}" + (
-            ", …)" if len(sizes) > 4 else ")"
-        )
-        return f"{self.label}: {count} of {shapes}, batches of {self.batch_size}" + (
-            given if sizes and sizes != [self.batch_size] else ""
-        )
+        lo, hi = min(self._hook_sizes, default=0), max(self._hook_sizes, default=0)
+        given = f" (the hook's batches held {lo} to {hi} samples)" if lo != hi else ""
+        if lo == hi and lo and lo != self.batch_size:
+            given = f" (the hook's batches held {lo} samples)"
+        return f"{self.label}: {count} of {shapes}, batches of {self.batch_size}{given}"
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         wanted = None if self._shard is None else set(self._shard)
