@@ -211,46 +211,44 @@ def json_object(text: str | None, option: str) -> dict[str, Any] | None:
     return value
 
 
-def data_spec(
-    data: str | None,
-    cfg: Config,
-    *,
-    data_kwargs: str | None = None,
-    resize: int | None = None,
-    crop: str | None = None,
-    mean: str | None = None,
-    std: str | None = None,
-    scale: float | None = None,
-    channel_order: str | None = None,
-    layout: str | None = None,
-    max_samples: int | None = None,
-) -> Any:
+# The command parameters data_spec() reads, with the option each one is.
+DATA_PARAMS = {
+    "resize": "--resize",
+    "crop": "--crop",
+    "mean": "--mean",
+    "std": "--std",
+    "scale": "--scale",
+    "channel_order": "--channel-order",
+    "layout": "--layout",
+}
+
+
+def data_spec(params: dict[str, Any], cfg: Config) -> Any:
     """``--data`` and its options as a ``bncheck.data.DataSpec`` (None without ``--data``).
 
-    Image options: command line > ``[tool.bncheck.data]`` > defaults. Those given on the
-    command line are refused for data they do not apply to (an .npy, a hook)."""
+    ``params`` are the command's parameters (its ``locals()``): ``data``, ``data_kwargs``,
+    those of ``DATA_PARAMS`` and, where the command has it, ``max_samples``. Image options:
+    command line > ``[tool.bncheck.data]`` > defaults; those given on the command line are
+    refused for data they do not apply to (an .npy, a hook)."""
     from bncheck.data import DataSpec
     from bncheck.data.options import image_options
 
-    given = {
-        "--resize": resize,
-        "--crop": crop,
-        "--mean": mean,
-        "--std": std,
-        "--scale": scale,
-        "--channel-order": channel_order,
-        "--layout": layout,
-    }
+    given = {option: params.get(name) for name, option in DATA_PARAMS.items()}
     explicit = frozenset(k for k, v in given.items() if v is not None)
+    data, data_kwargs = params.get("data"), params.get("data_kwargs")
     if data is None:
         if explicit or data_kwargs:
             first = sorted(explicit)[0] if explicit else "--data-kwargs"
             raise InputError(f"{first} applies to --data, which is not given")
         return None
     where = f"{cfg.source or 'pyproject.toml'}: [tool.bncheck.data]"
-    images = image_options(given, cfg.get("data") or {}, where)
-    kwargs = json_object(data_kwargs, "--data-kwargs")
-    return DataSpec(data, images=images, kwargs=kwargs, max_samples=max_samples, explicit=explicit)
+    return DataSpec(
+        data,
+        images=image_options(given, cfg.get("data") or {}, where),
+        kwargs=json_object(data_kwargs, "--data-kwargs"),
+        max_samples=params.get("max_samples"),
+        explicit=explicit,
+    )
 
 
 def exit_code_for(findings: list[Finding], fail_on: str) -> int:

@@ -84,6 +84,7 @@ def check(
     Thresholds come from [tool.bncheck.thresholds]: kl, max-share, output-rel-l2,
     top1-agreement.
     """
+    params = dict(locals())  # for data_spec(): --data and its options
     from bncheck.api._check import check as run_check
     from bncheck.report import check as rep
     from bncheck.rules_data import CheckThresholds
@@ -97,18 +98,7 @@ def check(
         from bncheck.report import check_html
 
         check_html.check_report_path(report)  # fail before the work, not after it
-    spec = data_spec(
-        data,
-        opts.config,
-        data_kwargs=data_kwargs,
-        resize=resize,
-        crop=crop,
-        mean=mean,
-        std=std,
-        scale=scale,
-        channel_order=channel_order,
-        layout=layout,
-    )
+    spec = data_spec(params, opts.config)
     open_options = dict(opts.open_options)
     input_shapes = open_options.pop("input_shapes", None)
     show_bar = opts.format == "text" and not opts.quiet and sys.stderr.isatty()

@@ -99,25 +99,14 @@ def optimize(
     Exit 1, and no file written, when the folded model does not compute the same outputs;
     otherwise by --fail-on on the findings that remain in the written model.
     """
+    params = dict(locals())  # for data_spec(): --data and its options
     from bncheck.api._optimize import optimize as run_optimize
     from bncheck.report import optimize as rep
 
     opts = common(
         fmt, fail_on, select, ignore, arch, arch_kwargs, trust_pickle, input_shape, verbose, quiet
     )
-    spec = data_spec(
-        data,
-        opts.config,
-        data_kwargs=data_kwargs,
-        resize=resize,
-        crop=crop,
-        mean=mean,
-        std=std,
-        scale=scale,
-        channel_order=channel_order,
-        layout=layout,
-        max_samples=max_samples,
-    )
+    spec = data_spec(params, opts.config)
     show_bar = opts.format == "text" and not opts.quiet and sys.stderr.isatty()
     with progress_bar(show_bar, "timing") as progress:
         result = run_optimize(

@@ -87,6 +87,7 @@ def recalibrate(
 
     Written in MODEL's format after the pass. torchrun --nproc_per_node N -m bncheck … shards it.
     """
+    params = dict(locals())  # for data_spec(): --data and its options
     from bncheck import api
     from bncheck.distributed import world
     from bncheck.report import recalibrate as rep
@@ -96,18 +97,7 @@ def recalibrate(
     )
     if output is None and not in_place:
         raise InputError("give -o OUT (or --in-place to overwrite the model)")
-    spec = data_spec(
-        data,
-        opts.config,
-        data_kwargs=data_kwargs,
-        resize=resize,
-        crop=crop,
-        mean=mean,
-        std=std,
-        scale=scale,
-        channel_order=channel_order,
-        layout=layout,
-    )
+    spec = data_spec(params, opts.config)
     if spec is None:
         raise InputError("recalibrate needs calibration data: give --data")
     show = opts.format == "text" and not opts.quiet and sys.stderr.isatty()
