@@ -121,6 +121,16 @@ def test_undecodable_image_is_refused_and_other_files_skipped(tmp_path: Path) ->
         read_all(folder, resize=28, crop=24)
 
 
+def test_images_of_more_than_8_bits_are_refused_not_clipped(tmp_path: Path) -> None:
+    from PIL import Image
+
+    folder = tmp_path / "deep"
+    folder.mkdir()
+    Image.fromarray((np.arange(64, dtype=np.uint16) * 1000).reshape(8, 8)).save(folder / "a.png")
+    with pytest.raises(InputError, match=r"a\.png: a I;16 image \(more than 8 bits per channel\)"):
+        read_all(folder, inputs=[TensorSpec("x", (None, 1, 8, 8), "float32")])
+
+
 def test_without_pillow_one_clear_line(photos: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "PIL", None)  # `import PIL` now raises ImportError
     with pytest.raises(InputError) as exc:

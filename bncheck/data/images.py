@@ -8,6 +8,7 @@ gathered here are those of the input a torchvision-trained model saw:
 1. decode, apply the EXIF orientation (a photo is used the way a viewer shows it), and convert
    by the model input's channel count: 3 (or dynamic) → ``RGB`` (grayscale is replicated,
    alpha is dropped, a palette is expanded), 1 → ``L`` (ITU-R 601 luma), 4 → ``RGBA``;
+   images of more than 8 bits per channel are refused (Pillow's conversion would clip them);
 2. ``resize`` N: scale so the *shorter* side is N, the longer ``int(N * long / short)``, with
    Pillow's bilinear filter (antialiased when shrinking) — as ``torchvision Resize(N)`` does
    on a PIL image; an image whose shorter side is already N is left as it is;
@@ -189,6 +190,12 @@ class ImageColumn:
                 warnings.simplefilter("ignore", UserWarning)
                 with image_mod.open(path) as img:
                     img.load()
+                    if img.mode.startswith(("I", "F")):
+                        # Pillow would clip these to 0..255 and saturate: wrong statistics.
+                        raise InputError(
+                            f"{path}: a {img.mode} image (more than 8 bits per channel); bncheck "
+                            "reads 8-bit images: scale them yourself in a .npy or a --data hook"
+                        )
                     img = ImageOps.exif_transpose(img)
                     return img.convert(self.mode)
         except image_mod.DecompressionBombError:
