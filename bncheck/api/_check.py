@@ -209,9 +209,10 @@ def check(
     is ``first_diverging``. With ``divergence``, each batch of ≥ 2 samples also runs with
     batch statistics and the output distance is accumulated (:class:`OutputDivergence`).
 
-    ``data`` is a file ``open_data`` reads (.npy/.npz/.pt/images), or ``synthetic=True`` for
-    seeded N(0, 1) input; ``thresholds`` a :class:`CheckThresholds` or a ``[tool.bncheck]``
-    style table; ``progress(done, total)`` is called after every batch.
+    ``data`` is what ``open_data`` reads (a file, a folder of images, a ``DataSpec``, a data
+    hook), or ``synthetic=True`` for seeded N(0, 1) input; ``thresholds`` a
+    :class:`CheckThresholds` or a ``[tool.bncheck]`` style table; ``progress(done, total)`` is
+    called after every batch.
     """
     from bncheck.data import open_data
 
@@ -236,12 +237,14 @@ def check(
         seed=seed,
         input_shapes=input_shapes,
     )
+    # A data hook's sample count is known after its pass: counting first would read it twice.
+    sized = source.sized or not info.bn_layers
     result = CheckResult(
         info=info,
         data=source.description,
         synthetic=source.synthetic,
-        samples=source.num_samples,
-        batches=source.num_batches,
+        samples=source.num_samples if sized else 0,
+        batches=source.num_batches if sized else 0,
         thresholds=th,
         notes=list(source.notes),
     )
@@ -256,6 +259,8 @@ def check(
             "normalize by batch statistics at inference, so the output comparison shows little"
         )
     acc = _stream(handle, source, divergence, progress, result)
+    result.data, result.samples = source.description, source.num_samples
+    result.batches = source.num_batches
     for index, layer in enumerate(info.bn_layers):
         lc = LayerCheck(layer=layer, index=index, skipped=_skip_reason(layer))
         mom = acc.get(layer.name)
@@ -293,7 +298,7 @@ def _stream(
     acc: dict[str, Moments] = {}
     sums = _DivergenceSums()
     singles = 0
-    total = source.num_batches
+    total = source.num_batches if source.sized else None
     for done, batch in enumerate(source, start=1):
         outputs, moments = run_inf(batch)
         for name, m in moments.items():

@@ -11,17 +11,27 @@ import typer
 from bncheck.cli import (
     ArchKwargsOpt,
     ArchOpt,
+    ChannelOrderOpt,
+    CropOpt,
+    DataKwargsOpt,
+    DataOpt,
     FailOnOpt,
     FormatOpt,
     IgnoreOpt,
+    LayoutOpt,
     MaxBatchesOpt,
+    MeanOpt,
     QuietOpt,
+    ResizeOpt,
+    ScaleOpt,
     SelectOpt,
     ShapeOpt,
+    StdOpt,
     TrustOpt,
     VerboseOpt,
     app,
     common,
+    data_spec,
     exit_code_for,
     progress_bar,
     render,
@@ -33,10 +43,15 @@ def check(
     model: Annotated[
         Path, typer.Argument(help="model file: .onnx, .pt2, .pt/.pth/.bin, .safetensors")
     ],
-    data: Annotated[
-        Path | None,
-        typer.Option("--data", help="data file: .npy, .npz, .pt, an image or a folder of images"),
-    ] = None,
+    data: DataOpt = None,
+    data_kwargs: DataKwargsOpt = None,
+    resize: ResizeOpt = None,
+    crop: CropOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    scale: ScaleOpt = None,
+    channel_order: ChannelOrderOpt = None,
+    layout: LayoutOpt = None,
     synthetic: Annotated[
         bool,
         typer.Option("--synthetic", help="seeded N(0, 1) input instead of data (pipeline test)"),
@@ -69,6 +84,7 @@ def check(
     Thresholds come from [tool.bncheck.thresholds]: kl, max-share, output-rel-l2,
     top1-agreement.
     """
+    params = dict(locals())  # for data_spec(): --data and its options
     from bncheck.api._check import check as run_check
     from bncheck.report import check as rep
     from bncheck.rules_data import CheckThresholds
@@ -82,13 +98,14 @@ def check(
         from bncheck.report import check_html
 
         check_html.check_report_path(report)  # fail before the work, not after it
+    spec = data_spec(params, opts.config)
     open_options = dict(opts.open_options)
     input_shapes = open_options.pop("input_shapes", None)
     show_bar = opts.format == "text" and not opts.quiet and sys.stderr.isatty()
     with progress_bar(show_bar, "checking") as progress:
         result = run_check(
             model,
-            data=data,
+            data=spec,
             synthetic=synthetic,
             batch_size=batch_size,
             max_samples=max_samples,

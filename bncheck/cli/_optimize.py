@@ -11,17 +11,27 @@ import typer
 from bncheck.cli import (
     ArchKwargsOpt,
     ArchOpt,
+    ChannelOrderOpt,
+    CropOpt,
+    DataKwargsOpt,
+    DataOpt,
     FailOnOpt,
     FormatOpt,
     IgnoreOpt,
     InPlaceOpt,
+    LayoutOpt,
+    MeanOpt,
     QuietOpt,
+    ResizeOpt,
+    ScaleOpt,
     SelectOpt,
     ShapeOpt,
+    StdOpt,
     TrustOpt,
     VerboseOpt,
     app,
     common,
+    data_spec,
     exit_code_for,
     progress_bar,
     render,
@@ -43,9 +53,18 @@ def optimize(
         Path,
         typer.Option("-o", "--output", help="where to write: .onnx, or .pt2 for PyTorch models"),
     ],
-    data: Annotated[
-        Path | None,
-        typer.Option("--data", help="recalibrate on this data first, and verify and time on it"),
+    data: DataOpt = None,
+    data_kwargs: DataKwargsOpt = None,
+    resize: ResizeOpt = None,
+    crop: CropOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    scale: ScaleOpt = None,
+    channel_order: ChannelOrderOpt = None,
+    layout: LayoutOpt = None,
+    max_samples: Annotated[
+        int | None,
+        typer.Option("--max-samples", help="use at most this many samples of --data (each pass)"),
     ] = None,
     calib_batch_size: Annotated[
         int, typer.Option("--calib-batch-size", help="batch size of the recalibration passes")
@@ -90,6 +109,7 @@ def optimize(
     otherwise by --fail-on on the recalibration's findings and those that remain in the
     written model.
     """
+    params = dict(locals())  # for data_spec(): --data and its options
     from bncheck.api._optimize import optimize as run_optimize
     from bncheck.report import optimize as rep
     from bncheck.rules_data import RecalibrateThresholds
@@ -99,12 +119,13 @@ def optimize(
     )
     where = f"{opts.config.source or 'pyproject.toml'}: [tool.bncheck.thresholds]"
     thresholds = RecalibrateThresholds.from_mapping(opts.config.get("thresholds"), source=where)
+    spec = data_spec(params, opts.config)
     show_bar = opts.format == "text" and not opts.quiet and sys.stderr.isatty()
     with progress_bar(show_bar, "timing") as progress:
         result = run_optimize(
             model,
             output,
-            data=data,
+            data=spec,
             calib_batch_size=calib_batch_size,
             labels=labels,
             force=force,

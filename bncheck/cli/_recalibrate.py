@@ -11,16 +11,26 @@ import typer
 from bncheck.cli import (
     ArchKwargsOpt,
     ArchOpt,
+    ChannelOrderOpt,
+    CropOpt,
+    DataKwargsOpt,
+    DataOpt,
     FailOnOpt,
     FormatOpt,
     InPlaceOpt,
+    LayoutOpt,
     MaxBatchesOpt,
+    MeanOpt,
     QuietOpt,
+    ResizeOpt,
+    ScaleOpt,
     ShapeOpt,
+    StdOpt,
     TrustOpt,
     VerboseOpt,
     app,
     common,
+    data_spec,
     exit_code_for,
     progress_bar,
     render,
@@ -31,12 +41,18 @@ from bncheck.errors import ExitCode, InputError
 @app.command()
 def recalibrate(
     model: Annotated[Path, typer.Argument(help="model file to recalibrate")],
-    data: Annotated[
-        Path, typer.Option("--data", help="calibration data (.npy, .npz, .pt, images)")
-    ],
     output: Annotated[
         Path | None, typer.Option("-o", "--output", help="where to write (same format as MODEL)")
     ] = None,
+    data: DataOpt = None,
+    data_kwargs: DataKwargsOpt = None,
+    resize: ResizeOpt = None,
+    crop: CropOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    scale: ScaleOpt = None,
+    channel_order: ChannelOrderOpt = None,
+    layout: LayoutOpt = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="batch size (≥ 16 advised)")] = 32,
     max_samples: Annotated[
         int,
@@ -83,6 +99,7 @@ def recalibrate(
     is 1 (BN405); --force writes it, and the exit code follows --fail-on. Without labels,
     outputs that change by more than output-change (relative L2, default 0.25) warn (BN406).
     """
+    params = dict(locals())  # for data_spec(): --data and its options
     from bncheck import api
     from bncheck.distributed import world
     from bncheck.report import recalibrate as rep
@@ -95,12 +112,15 @@ def recalibrate(
     thresholds = RecalibrateThresholds.from_mapping(opts.config.get("thresholds"), source=where)
     if output is None and not in_place:
         raise InputError("give -o OUT (or --in-place to overwrite the model)")
+    spec = data_spec(params, opts.config)
+    if spec is None:
+        raise InputError("recalibrate needs calibration data: give --data")
     show = opts.format == "text" and not opts.quiet and sys.stderr.isatty()
     with progress_bar(show, "recalibrating") as progress:
         result = api.recalibrate(
             model,
             model if in_place and output is None else output,
-            data=data,
+            data=spec,
             batch_size=batch_size,
             max_samples=max_samples,
             max_batches=max_batches,

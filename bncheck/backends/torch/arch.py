@@ -6,14 +6,11 @@ and shapes are checked against the model first, so a mismatch names what differs
 
 from __future__ import annotations
 
-import contextlib
-import importlib
-import os
-import sys
 from pathlib import Path
 from typing import Any
 
 from bncheck.errors import InputError, first_line
+from bncheck.usercode import import_callable
 
 __all__ = ["build_arch", "load_into"]
 
@@ -22,30 +19,7 @@ def build_arch(spec: str, kwargs: dict[str, Any] | None) -> Any:
     """Import ``pkg.module:factory`` (cwd on sys.path) and call ``factory(**kwargs)``."""
     import torch
 
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr or ":" in attr:
-        raise InputError(f"--arch {spec!r}: expected 'pkg.module:factory'")
-    cwd = os.getcwd()
-    added = cwd not in sys.path
-    if added:
-        sys.path.insert(0, cwd)
-    try:
-        mod = importlib.import_module(module_name)
-    except Exception as exc:
-        raise InputError(
-            f"--arch {spec!r}: cannot import {module_name!r} ({first_line(exc)})"
-        ) from None
-    finally:
-        if added:
-            with contextlib.suppress(ValueError):
-                sys.path.remove(cwd)
-    factory: Any = mod
-    for part in attr.split("."):
-        if not hasattr(factory, part):
-            raise InputError(f"--arch {spec!r}: module {module_name!r} has no attribute {attr!r}")
-        factory = getattr(factory, part)
-    if not callable(factory):
-        raise InputError(f"--arch {spec!r}: {attr!r} is not callable")
+    factory = import_callable(spec, "--arch", "factory")
     try:
         model = factory(**(kwargs or {}))
     except Exception as exc:
