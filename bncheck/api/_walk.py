@@ -1,6 +1,7 @@
 """Which files a run over several paths inspects: files as given, folders walked for models.
 
-A folder is walked in sorted order (stable across machines and runs). A file found there counts
+A folder's model files come in the order of their sorted paths (stable across machines and
+runs). A file found there counts
 as a model when its suffix says so (``.onnx``, ``.pt2``, ``.pt``, ``.pth``, ``.safetensors``: a
 damaged one is reported, not hidden) or when its bytes do (a PyTorch zip, a safetensors header,
 a protobuf whose top-level fields are exactly those of an ONNX ModelProto). README files, data
@@ -95,7 +96,7 @@ def expand(
         if any(glob_match(relative(p, root), g) for g in exclude):
             excluded.append(p)
         elif p.is_dir():
-            for found in _walk(p, root, exclude):
+            for found in sorted(_walk(p, root, exclude), key=lambda q: q.parts):
                 if not include or any(glob_match(relative(found, root), g) for g in include):
                     add(found, explicit=False)
         else:

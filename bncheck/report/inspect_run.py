@@ -51,6 +51,12 @@ def summary_line(run: InspectRun) -> str:
     return f"{models}: {', '.join(parts)} · {counts_text(severity_counts(run.findings))}"
 
 
+def _reason(e: ModelEntry) -> str:
+    """The error or skip reason without the path it usually starts with (said just before)."""
+    text = e.error if e.error is not None else e.skipped or ""
+    return text.removeprefix(f"{e.path}: ")
+
+
 def entry_dict(e: ModelEntry) -> dict[str, Any]:
     head: dict[str, Any] = {"path": e.path, "status": e.status}
     if e.result is not None:
@@ -82,7 +88,9 @@ def render_text(
                 one.render_text(e.result, console, verbose=verbose)
                 console.print()
         elif e.error is not None:
-            console.print(f"{e.path}: could not be read: {e.error}", style="bold red", markup=False)
+            console.print(
+                f"{e.path}: could not be read: {_reason(e)}", style="bold red", markup=False
+            )
         else:
             console.print(f"{e.path}: skipped: {e.skipped}", style="dim", markup=False)
     console.print(summary_line(run), style="bold")
@@ -94,9 +102,14 @@ def render_markdown(run: InspectRun) -> str:
         if e.result is not None:
             lines.append(one.render_markdown(e.result))
         elif e.error is not None:
-            lines += [f"### `{md_escape(e.path)}`: could not be read", "", md_escape(e.error), ""]
+            lines += [
+                f"### `{md_escape(e.path)}`: could not be read",
+                "",
+                md_escape(_reason(e)),
+                "",
+            ]
         else:
-            lines += [f"### `{md_escape(e.path)}`: skipped", "", md_escape(e.skipped or ""), ""]
+            lines += [f"### `{md_escape(e.path)}`: skipped", "", md_escape(_reason(e)), ""]
     return "\n".join(lines)
 
 
@@ -106,8 +119,9 @@ def render_github(run: InspectRun) -> str:
         if e.result is not None:
             lines.append(one.render_github(e.result))
             continue
-        level, text = ("error", e.error) if e.error is not None else ("notice", e.skipped)
+        level = "error" if e.error is not None else "notice"
+        what = "could not be read" if e.error is not None else "skipped"
         where = _gh_escape(e.path, prop=True)
-        lines.append(f"::{level} file={where},title=bncheck::{_gh_escape(text or '')}")
+        lines.append(f"::{level} file={where},title=bncheck::{_gh_escape(f'{what}: {_reason(e)}')}")
     lines.append(summary_line(run))
     return "\n".join(lines)
