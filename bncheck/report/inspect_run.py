@@ -7,27 +7,32 @@ entry of their own, and a total closes the report.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from rich.console import Console
 
 from bncheck.api import InspectRun, ModelEntry
-from bncheck.layers import Severity
+from bncheck.layers import Finding, Severity
 from bncheck.report import _gh_escape, counts_text, dump_json, md_escape, severity_counts
 from bncheck.report import inspect as one
 
 SCHEMA = "bncheck.inspect/2"
 
 
+def failing(findings: Iterable[Finding], fail_on: str) -> list[Finding]:
+    """The findings at or above ``fail_on`` (none for ``never``)."""
+    if fail_on == "never":
+        return []
+    threshold = Severity(fail_on).rank
+    return [f for f in findings if f.severity.rank >= threshold]
+
+
 def exit_code(run: InspectRun, fail_on: str) -> int:
     """The worst over all models: an unreadable model's own code (2, or 1 for the few errors
     that mean "findings"), else 1 when any finding reaches ``fail_on``, else 0."""
     worst = max((e.error_exit for e in run.errors), default=0)
-    if fail_on != "never":
-        threshold = Severity(fail_on).rank
-        if any(f.severity.rank >= threshold for f in run.findings):
-            worst = max(worst, 1)
-    return worst
+    return max(worst, 1) if failing(run.findings, fail_on) else worst
 
 
 def totals(run: InspectRun) -> dict[str, int]:

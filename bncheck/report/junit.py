@@ -15,7 +15,8 @@ import re
 import xml.etree.ElementTree as ET
 
 from bncheck.api import InspectRun, ModelEntry
-from bncheck.layers import Finding, Severity
+from bncheck.layers import Finding
+from bncheck.report import inspect_run
 
 # Characters XML 1.0 cannot hold at all (a layer name in a crafted model may have them).
 _NOT_XML = re.compile(r"[^\x09\x0a\x0d\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
@@ -27,13 +28,6 @@ def _xml(text: str) -> str:
 
 def _line(f: Finding) -> str:
     return f"{f.severity.value} {f.code} {f.layer or 'model'}: {f.message}. Fix: {f.hint}"
-
-
-def _failing(e: ModelEntry, fail_on: str) -> list[Finding]:
-    if e.result is None or fail_on == "never":
-        return []
-    threshold = Severity(fail_on).rank
-    return [f for f in e.result.findings if f.severity.rank >= threshold]
 
 
 def _testcase(e: ModelEntry, fail_on: str, command: str) -> ET.Element:
@@ -50,7 +44,7 @@ def _testcase(e: ModelEntry, fail_on: str, command: str) -> ET.Element:
         ET.SubElement(case, "skipped", {"message": text, "type": "skipped"}).text = text
         return case
     assert e.result is not None
-    failing = _failing(e, fail_on)
+    failing = inspect_run.failing(e.result.findings, fail_on)
     if failing:
         codes = sorted({f.code for f in failing})
         n = len(failing)
