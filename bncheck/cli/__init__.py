@@ -144,6 +144,9 @@ def common(
     cfg = load_config()
     for w in cfg.warnings:
         print(f"bncheck: warning: {w}", file=sys.stderr)
+    if fmt is None and cfg.get("format") in ("sarif", "junit") and cfg.get("format") not in formats:
+        # `format = "sarif"` in the pyproject is meant for inspect; other commands print text.
+        fmt = "text"
     fmt = fmt or cfg.get("format", "text")
     if fmt not in formats:
         raise InputError(f"--format {fmt!r}: choose {', '.join(formats[:-1])} or {formats[-1]}")

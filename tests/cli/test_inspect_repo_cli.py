@@ -275,3 +275,21 @@ def test_a_folder_without_models_says_so(run_cli, repo):
     assert r.code == 0
     assert json.loads(r.out)["models"] == []
     assert "no model files found" in r.err
+
+
+def test_one_unreadable_file_in_sarif_and_junit(run_cli, repo):
+    sarif = json.loads(run_cli("inspect", TRUNCATED, "--format", "sarif").out)
+    (note,) = sarif["runs"][0]["invocations"][0]["toolExecutionNotifications"]
+    assert note["level"] == "error" and TRUNCATED in note["message"]["text"]
+    r = run_cli("inspect", TRUNCATED, "--format", "junit")
+    assert r.code == 2
+    (case,) = ET.fromstring(r.out).iter("testcase")
+    assert case.get("name") == TRUNCATED and case.find("error") is not None
+
+
+def test_sarif_format_in_pyproject_is_for_inspect_only(run_cli, repo):
+    (repo / "pyproject.toml").write_text('[tool.bncheck]\nformat = "sarif"\n')
+    assert json.loads(run_cli("inspect", HEALTHY).out)["version"] == "2.1.0"
+    r = run_cli("fold", HEALTHY, "-o", "folded.onnx")
+    assert r.code == 0 and "folded.onnx" in r.out + r.err  # text, not refused
+    assert run_cli("rules", "--format", "json").code == 0
