@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 
@@ -95,7 +95,7 @@ def inspect(
     _inspect_many(models, opts, table=table, include=cfg.get("include", []), exclude=exclude)
 
 
-def _inspect_one(model: Path, opts: Common) -> None:
+def _inspect_one(model: Path, opts: Common) -> NoReturn:
     from bncheck import api
     from bncheck.report import inspect as rep
     from bncheck.rules import all_rules, validate_codes
@@ -121,7 +121,7 @@ def _inspect_many(
     table: dict[str, str] | None,
     include: list[str],
     exclude: list[str],
-) -> None:
+) -> NoReturn:
     from bncheck import api
     from bncheck.report import inspect_run as rep
 
