@@ -60,6 +60,7 @@ class ModelEntry:
     error_exit: int = int(ExitCode.ERROR)
     skipped: str | None = None
     seconds: float = 0.0
+    exception: BaseException | None = field(default=None, repr=False)  # for -v tracebacks
 
     @property
     def status(self) -> str:
@@ -125,8 +126,10 @@ def inspect_paths(
                 entry.skipped = "a state dict: no --arch, and no `arch` entry matches its path"
             else:
                 entry.error, entry.error_exit = str(exc), int(exc.exit_code)
+                entry.exception = exc
         except Exception as exc:  # one model's internal error must not hide the others
             entry.error = f"{target.path}: internal error: {type(exc).__name__}: {first_line(exc)}"
+            entry.exception = exc
         entry.seconds = time.perf_counter() - start
         if entry.error is not None and on_error is not None:
             on_error(entry)

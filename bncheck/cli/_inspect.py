@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import traceback
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -126,6 +127,8 @@ def _inspect_many(
     from bncheck.report import inspect_run as rep
 
     def said(entry: api.ModelEntry) -> None:
+        if opts.verbose and entry.exception is not None:
+            traceback.print_exception(entry.exception)
         print(f"bncheck: error: {entry.error}", file=sys.stderr)
 
     open_options = dict(opts.open_options)
