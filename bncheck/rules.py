@@ -57,9 +57,10 @@ def _rule(code: str, name: str, severity: Severity, hint: str, *, model: bool = 
 
 def all_rules() -> dict[str, Rule]:
     """Every rule by code (layer, model and data rules), sorted by code."""
-    from bncheck.rules_data import DATA_RULES  # imported late: rules_data imports this module
+    # imported late: rules_data imports this module
+    from bncheck.rules_data import DATA_RULES, RECALIBRATE_RULES
 
-    return dict(sorted({**RULES, **MODEL_RULES, **DATA_RULES}.items()))
+    return dict(sorted({**RULES, **MODEL_RULES, **DATA_RULES, **RECALIBRATE_RULES}.items()))
 
 
 def _f64(a: np.ndarray | None) -> np.ndarray | None:

@@ -50,6 +50,14 @@ def optimize(
     calib_batch_size: Annotated[
         int, typer.Option("--calib-batch-size", help="batch size of the recalibration passes")
     ] = 32,
+    labels: Annotated[
+        Path | None,
+        typer.Option("--labels", help=".npy of class indices for --data: accuracy before/after"),
+    ] = None,
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="keep a recalibration that lowered accuracy (BN405 stays)"),
+    ] = False,
     affine: Annotated[
         bool, typer.Option("--affine", help="turn BNs that cannot fold into a scale and shift")
     ] = False,
@@ -77,15 +85,20 @@ def optimize(
 ) -> None:
     """Recalibrate (with --data), fold, verify, and time the result against the input.
 
-    Exit 1, and no file written, when the folded model does not compute the same outputs;
-    otherwise by --fail-on on the findings that remain in the written model.
+    Exit 1, and no file written, when the folded model does not compute the same outputs,
+    or when recalibration lowered accuracy on --data with --labels (BN405, unless --force);
+    otherwise by --fail-on on the recalibration's findings and those that remain in the
+    written model.
     """
     from bncheck.api._optimize import optimize as run_optimize
     from bncheck.report import optimize as rep
+    from bncheck.rules_data import RecalibrateThresholds
 
     opts = common(
         fmt, fail_on, select, ignore, arch, arch_kwargs, trust_pickle, input_shape, verbose, quiet
     )
+    where = f"{opts.config.source or 'pyproject.toml'}: [tool.bncheck.thresholds]"
+    thresholds = RecalibrateThresholds.from_mapping(opts.config.get("thresholds"), source=where)
     show_bar = opts.format == "text" and not opts.quiet and sys.stderr.isatty()
     with progress_bar(show_bar, "timing") as progress:
         result = run_optimize(
@@ -93,6 +106,9 @@ def optimize(
             output,
             data=data,
             calib_batch_size=calib_batch_size,
+            labels=labels,
+            force=force,
+            thresholds=thresholds,
             affine=affine,
             run_bench=not no_bench,
             device=device,
@@ -107,6 +123,6 @@ def optimize(
             **opts.open_options,
         )
     render(rep, result, opts)
-    if not result.passed:
+    if result.refused or not result.passed:
         raise typer.Exit(ExitCode.FINDINGS)
     raise typer.Exit(exit_code_for(result.findings, opts.fail_on))

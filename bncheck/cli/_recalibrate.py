@@ -11,6 +11,7 @@ import typer
 from bncheck.cli import (
     ArchKwargsOpt,
     ArchOpt,
+    FailOnOpt,
     FormatOpt,
     InPlaceOpt,
     MaxBatchesOpt,
@@ -20,6 +21,7 @@ from bncheck.cli import (
     VerboseOpt,
     app,
     common,
+    exit_code_for,
     progress_bar,
     render,
 )
@@ -56,8 +58,13 @@ def recalibrate(
     no_compare: Annotated[
         bool, typer.Option("--no-compare", help="skip the before/after mismatch passes")
     ] = False,
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="write the model even when accuracy fell (BN405 stays)"),
+    ] = False,
     in_place: InPlaceOpt = False,
     fmt: FormatOpt = None,
+    fail_on: FailOnOpt = None,
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
     trust_pickle: TrustOpt = False,
@@ -70,14 +77,22 @@ def recalibrate(
     Mean and unbiased variance of each BN's input over the data (BNs in batch-statistics mode).
 
     Written in MODEL's format after the pass. torchrun --nproc_per_node N -m bncheck … shards it.
+
+    With --labels, when accuracy on the data falls by more than accuracy-drop points (default
+    1; thresholds table of tool.bncheck in pyproject.toml) nothing is written and the exit code
+    is 1 (BN405); --force writes it, and the exit code follows --fail-on. Without labels,
+    outputs that change by more than output-change (relative L2, default 0.25) warn (BN406).
     """
     from bncheck import api
     from bncheck.distributed import world
     from bncheck.report import recalibrate as rep
+    from bncheck.rules_data import RecalibrateThresholds
 
     opts = common(
-        fmt, None, None, None, arch, arch_kwargs, trust_pickle, input_shape, verbose, quiet
+        fmt, fail_on, None, None, arch, arch_kwargs, trust_pickle, input_shape, verbose, quiet
     )
+    where = f"{opts.config.source or 'pyproject.toml'}: [tool.bncheck.thresholds]"
+    thresholds = RecalibrateThresholds.from_mapping(opts.config.get("thresholds"), source=where)
     if output is None and not in_place:
         raise InputError("give -o OUT (or --in-place to overwrite the model)")
     show = opts.format == "text" and not opts.quiet and sys.stderr.isatty()
@@ -93,6 +108,8 @@ def recalibrate(
             momentum=momentum,
             labels=labels,
             compare=not no_compare,
+            force=force,
+            thresholds=thresholds,
             in_place=in_place,
             progress=progress,
             **opts.open_options,
@@ -100,4 +117,6 @@ def recalibrate(
     if world()[0] != 0:
         raise typer.Exit(ExitCode.OK)  # under torchrun rank 0 reports
     render(rep, result, opts)
-    raise typer.Exit(ExitCode.OK)
+    if result.refused:  # nothing written: never a success, whatever --fail-on says
+        raise typer.Exit(ExitCode.FINDINGS)
+    raise typer.Exit(exit_code_for(result.findings, opts.fail_on))

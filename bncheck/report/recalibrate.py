@@ -5,8 +5,15 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from bncheck.api._recalibrate import SETTLED, RecalibrateResult
-from bncheck.report import dump_json, md_escape
+from bncheck.api._recalibrate import SETTLED, RecalibrateResult, describe_batches
+from bncheck.report import (
+    dump_json,
+    finding_dict,
+    findings_markdown,
+    github_lines,
+    md_escape,
+    print_findings,
+)
 
 SCHEMA = "bncheck.recalibrate/1"
 
@@ -23,10 +30,14 @@ def summary_line(r: RecalibrateResult) -> str:
     acc = ""
     if r.accuracy_before is not None:
         acc = f"; accuracy {_pct(r.accuracy_before)} → {_pct(r.accuracy_after)}"
+    elif r.output_change is not None:
+        acc = f"; outputs changed by {r.output_change:.3g} (relative L2)"
     wrote = f" · wrote {r.output}" if r.output else ""
+    if r.refused:
+        wrote = " · NOT written: accuracy fell (BN405; --force writes it)"
     return (
         f"{r.info.path}: recalibrated {len(r.layers)} BN layers ({r.mode}) on {r.samples} "
-        f"samples in {r.batches} batches of {r.batch_size}{acc}{wrote}"
+        f"samples in {describe_batches(r.batch_sizes)}{acc}{wrote}"
     )
 
 
@@ -52,11 +63,17 @@ def to_json(r: RecalibrateResult) -> str:
         "samples": r.samples,
         "batches": r.batches,
         "batch_size": r.batch_size,
+        "batch_sizes": [{"size": size, "count": n} for size, n in r.batch_sizes],
         "world_size": r.world_size,
         "running_var": "unbiased",  # M2/(n-1), PyTorch's convention, for ONNX too
         "settled_threshold": SETTLED,
         "accuracy_before": r.accuracy_before,
         "accuracy_after": r.accuracy_after,
+        "output_change": r.output_change,
+        "thresholds": r.thresholds.to_dict(),
+        "forced": r.forced,
+        "refused": r.refused,
+        "findings": [finding_dict(f) for f in r.findings],
         "layers": [
             {
                 "name": x.name,
@@ -97,11 +114,12 @@ def render_text(r: RecalibrateResult, console: Console) -> None:
         "[dim]mismatch = KL of a high-percentile channel between the layer's input "
         "statistics and the statistics it normalizes with (bncheck.mismatch)[/]"
     )
+    print_findings(console, r.findings)
     for w in r.warnings:
         console.print(f"[yellow]warning:[/] {w}")
     for n in r.notes:
         console.print(f"[dim]note: {n}[/]")
-    console.print(summary_line(r), style="bold")
+    console.print(summary_line(r), style="bold red" if r.refused else "bold")
 
 
 def render_markdown(r: RecalibrateResult) -> str:
@@ -111,10 +129,12 @@ def render_markdown(r: RecalibrateResult) -> str:
         lines.append(
             f"| `{md_escape(x.name)}` | {_score(x.before)} | {_score(x.after)} | {x.converged} |"
         )
+    lines += findings_markdown(r.findings)
     lines += ["", f"**{md_escape(summary_line(r))}**", ""]
     return "\n".join(lines)
 
 
 def render_github(r: RecalibrateResult) -> str:
-    lines = [f"::warning file={r.info.path},title=bncheck recalibrate::{w}" for w in r.warnings]
+    lines = github_lines(r.info.path, r.findings)
+    lines += [f"::warning file={r.info.path},title=bncheck recalibrate::{w}" for w in r.warnings]
     return "\n".join([*lines, summary_line(r)])

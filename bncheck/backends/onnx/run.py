@@ -32,7 +32,7 @@ def ort_message(exc: BaseException) -> str:
     """One readable line from an onnxruntime exception: the status prefix and the C++
     source location and function signature it often starts with are dropped."""
     text = first_line(exc, limit=10_000)
-    text = _ORT_PREFIX.sub("", text)
+    text = _ORT_PREFIX.sub("", text).removeprefix("Error in execution: ")
     if _SOURCE_LOC.match(text):
         # "file.h:46 void ns::f(args…) message": skip up to the signature's closing paren.
         depth, seen = 0, False
@@ -65,10 +65,10 @@ def make_session(
     """
     import onnxruntime as ort
 
-    ort.set_default_logger_severity(3)
+    ort.set_default_logger_severity(4)  # 4 = FATAL: errors become ours, one line
     who = source or "model"
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4
     opts.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if optimize
