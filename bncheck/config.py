@@ -28,11 +28,15 @@ KNOWN_KEYS: dict[str, type | tuple[type, ...]] = {
     "select": list,
     "ignore": list,
     "device": str,
-    "arch": str,
+    "arch": (str, dict),  # one factory, or {"glob" = "pkg.mod:factory"} per model path
     "input-shape": list,
     "thresholds": dict,
     "data": dict,
+    "include": list,  # globs: which files a folder walk keeps (inspect over folders)
+    "exclude": list,  # globs: files and folders a run leaves out
 }
+# Keys whose lists / tables must hold strings only.
+STRING_ITEMS = {"select", "ignore", "include", "exclude", "arch"}
 UNSAFE_KEYS = {"trust-pickle"}
 # [tool.bncheck.data]: image preprocessing, the defaults of the options of the same names.
 DATA_KEYS: dict[str, type | tuple[type, ...]] = {
@@ -56,6 +60,11 @@ class Config:
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.values.get(key, default)
+
+    @property
+    def root(self) -> Path:
+        """The folder config globs are relative to: the pyproject's, else the working one."""
+        return self.source.parent if self.source is not None else Path.cwd()
 
 
 def find_pyproject(start: Path) -> Path | None:
@@ -94,6 +103,13 @@ def load_config(start: Path | None = None) -> Config:
             value = _data_table(path, value, cfg.warnings)
         if not isinstance(value, KNOWN_KEYS[key]):
             raise InputError(f"{path}: [tool.bncheck] '{raw_key}' has the wrong type")
+        items = value.values() if isinstance(value, dict) else value
+        if (
+            key in STRING_ITEMS
+            and isinstance(value, list | dict)
+            and not all(isinstance(v, str) for v in items)
+        ):
+            raise InputError(f"{path}: [tool.bncheck] '{raw_key}' must hold strings only")
         cfg.values[key] = value
     return cfg
 

@@ -35,7 +35,10 @@ app = typer.Typer(
 FAIL_ON = ("error", "warning", "info", "never")
 
 # ---- shared option types ------------------------------------------------------------------
-FormatOpt = Annotated[str | None, typer.Option("--format", help="text | json | github | markdown")]
+FormatOpt = Annotated[
+    str | None,
+    typer.Option("--format", help="text | json | github | markdown (inspect also: sarif | junit)"),
+]
 FailOnOpt = Annotated[
     str | None,
     typer.Option(
@@ -169,13 +172,18 @@ def common(
     input_shape: list[str] | None,
     verbose: bool,
     quiet: bool,
+    *,
+    formats: tuple[str, ...] = ("text", "json", "github", "markdown"),
 ) -> Common:
     cfg = load_config()
     for w in cfg.warnings:
         print(f"bncheck: warning: {w}", file=sys.stderr)
+    if fmt is None and cfg.get("format") in ("sarif", "junit") and cfg.get("format") not in formats:
+        # `format = "sarif"` in the pyproject is meant for inspect; other commands print text.
+        fmt = "text"
     fmt = fmt or cfg.get("format", "text")
-    if fmt not in ("text", "json", "github", "markdown"):
-        raise InputError(f"--format {fmt!r}: choose text, json, github or markdown")
+    if fmt not in formats:
+        raise InputError(f"--format {fmt!r}: choose {', '.join(formats[:-1])} or {formats[-1]}")
     fail_on = fail_on or cfg.get("fail-on", "error")
     if fail_on not in FAIL_ON:
         raise InputError(f"--fail-on {fail_on!r}: choose one of {', '.join(FAIL_ON)}")
@@ -187,7 +195,8 @@ def common(
         select=_split(select) or list(cfg.get("select", [])),
         ignore=_split(ignore) or list(cfg.get("ignore", [])),
         open_options={
-            "arch": arch or cfg.get("arch"),
+            # A per-path table (`arch = {"glob" = "factory"}`) is resolved per model by inspect.
+            "arch": arch or (cfg.get("arch") if isinstance(cfg.get("arch"), str) else None),
             "arch_kwargs": kwargs,
             "trust_pickle": trust_pickle or _env_trust(),
             "input_shapes": shapes,

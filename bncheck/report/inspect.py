@@ -87,9 +87,10 @@ def layer_dict(layer: BNLayer) -> dict[str, Any]:
     }
 
 
-def to_json(result: InspectResult) -> str:
+def payload(result: InspectResult) -> dict[str, Any]:
+    """The body of a ``bncheck.inspect/1`` document (also one model's entry in ``/2``)."""
     info = result.info
-    payload = {
+    return {
         "model": {
             "path": info.path,
             "format": info.format,
@@ -119,7 +120,10 @@ def to_json(result: InspectResult) -> str:
             **severity_counts(result.findings),
         },
     }
-    return dump_json(SCHEMA, payload)
+
+
+def to_json(result: InspectResult) -> str:
+    return dump_json(SCHEMA, payload(result))
 
 
 def summary_line(result: InspectResult) -> str:
@@ -204,3 +208,11 @@ def render_markdown(result: InspectResult) -> str:
 
 def render_github(result: InspectResult) -> str:
     return "\n".join([*github_lines(result.info.path, result.findings), summary_line(result)])
+
+
+def error_json(path: str, message: str, exit_code: int) -> str:
+    """The ``bncheck.inspect/1`` document of a model that could not be read: its path and the
+    error, so that a pipeline parsing stdout sees the failure (the same line goes to stderr)."""
+    return dump_json(
+        SCHEMA, {"model": {"path": path}, "error": {"message": message, "exit_code": exit_code}}
+    )
