@@ -66,3 +66,57 @@ def test_recalibrated_dead_channel_passes_inspect_and_folds(run_cli, tmp_path, s
     res = run_cli("fold", recal, "-o", folded, "--data", data)
     assert res.code == 0, res
     assert _inspect(run_cli, folded)["summary"]["error"] == 0
+
+
+@pytest.fixture
+def umask_027():
+    old = os.umask(0o027)
+    yield 0o640
+    os.umask(old)
+
+
+def test_written_files_and_sidecars_get_the_umask_mode(run_cli, tmp_path, umask_027):
+    """A folded or recalibrated model with external data: the .onnx and its .data sidecar both
+    get 0666 & ~umask (onnx's writer creates the sidecar 0600)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    arrays = {
+        "w": rng.normal(size=(16, 8, 3, 3)),  # 4.6 kB: large enough to go to the sidecar
+        "scale": rng.uniform(0.5, 1.5, 16),
+        "beta": rng.normal(size=16),
+        "mean": rng.normal(size=16),
+        "var": rng.uniform(0.5, 2, 16),
+    }
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+            helper.make_node("BatchNormalization", ["c", "scale", "beta", "mean", "var"], ["y"]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8, 5, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 16, 5, 5])],
+        [numpy_helper.from_array(a.astype(np.float32), k) for k, a in arrays.items()],
+    )
+    src_dir = tmp_path / "src"
+    src_dir.mkdir()
+    src = src_dir / "m.onnx"
+    onnx.save_model(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]),
+        str(src),
+        save_as_external_data=True,
+        location="m.data",
+        size_threshold=0,
+    )
+    data = tmp_path / "calib.npy"
+    np.save(data, np.random.default_rng(0).normal(size=(8, 8, 5, 5)).astype(np.float32))
+    out = tmp_path / "out"
+    out.mkdir()
+    for cmd, extra in (("fold", []), ("recalibrate", ["--data", data])):
+        res = run_cli(cmd, src, "-o", out / f"{cmd}.onnx", *extra)
+        assert res.code == 0, res
+    written = sorted(p.name for p in out.iterdir())
+    assert len(written) == 4 and sum(n.endswith(".data") for n in written) == 2, written
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+    assert set(modes.values()) == {umask_027}, modes

@@ -12,7 +12,7 @@ from typing import Any
 import onnx
 from onnx import ModelProto, TensorProto
 
-from bncheck.atomic import temp_beside
+from bncheck.atomic import as_new_file, temp_beside
 from bncheck.backends.onnx.load import iter_tensors
 from bncheck.errors import InputError, first_line
 
@@ -172,6 +172,7 @@ def save_onnx(model: ModelProto, path: Path, *, external_data: bool | None = Non
             )
             del copy
             if data.exists():
+                as_new_file(data)  # onnx creates it 0600; the .onnx beside it is 0644
                 _fsync(data)
             else:  # no tensor was large enough to go out
                 data = None
