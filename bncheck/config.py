@@ -28,6 +28,7 @@ KNOWN_KEYS: dict[str, type | tuple[type, ...]] = {
     "arch": str,
     "input-shape": list,
     "thresholds": dict,
+    "task": str,  # what check's outputs are: classify | other
 }
 UNSAFE_KEYS = {"trust-pickle"}
 

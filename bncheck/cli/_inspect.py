@@ -52,7 +52,7 @@ def inspect(
         fmt, fail_on, select, ignore, arch, arch_kwargs, trust_pickle, input_shape, verbose, quiet
     )
     result = api.inspect(model, select=opts.select, ignore=opts.ignore, **opts.open_options)
-    render(rep, result, opts, verbose=opts.verbose)
+    render(rep, result, opts, verbose=opts.verbose, show_info=bool(opts.select))
     raise typer.Exit(exit_code_for(result.findings, opts.fail_on))
 
 
