@@ -29,7 +29,6 @@ from bncheck.cli import (
 from bncheck.cli._bench import (
     BatchOpt,
     DeviceOpt,
-    RoundsOpt,
     ThreadsOpt,
     parse_batch_sizes,
 )
@@ -62,7 +61,14 @@ def optimize(
     time_budget: Annotated[
         float, typer.Option("--time-budget", help="seconds of timed calls per model")
     ] = 0.5,
-    rounds: RoundsOpt = None,
+    rounds: Annotated[
+        int | None,
+        typer.Option(
+            "--rounds",
+            help="interleaved rounds of the input and the optimized model in the latency "
+            "comparison (default 20)",
+        ),
+    ] = None,
     in_place: InPlaceOpt = False,
     fmt: FormatOpt = None,
     fail_on: FailOnOpt = None,
