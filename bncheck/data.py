@@ -41,6 +41,7 @@ from bncheck.readers import (
     npz_members,
     sniff_data,
 )
+from bncheck.wording import plural
 
 __all__ = ["DataSource", "ImageOptions", "open_data", "sniff_data"]
 
@@ -212,7 +213,9 @@ def open_data(
     if drop_last:
         n -= n % batch_size
         if n == 0:
-            raise InputError(f"{where}: {total} samples, fewer than one full batch of {batch_size}")
+            raise InputError(
+                f"{where}: {plural(total, 'sample')}, fewer than one full batch of {batch_size}"
+            )
     bounds = [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
 
     shapes = "; ".join(
@@ -220,11 +223,11 @@ def open_data(
     )
     if synthetic:
         desc = (
-            f"synthetic N(0, 1) input (seed {seed}), {n} samples of {shapes}, batches of "
+            f"synthetic N(0, 1) input (seed {seed}), {plural(n, 'sample')} of {shapes}, batches of "
             f"{batch_size}: figures computed on it say little about real data"
         )
     else:
-        desc = f"{p.name}: {n} of {total} samples of {shapes}, batches of {batch_size}"  # type: ignore[union-attr]
+        desc = f"{p.name}: {n} of {plural(total, 'sample')} of {shapes}, batches of {batch_size}"  # type: ignore[union-attr]
     return DataSource(
         path=p,
         format=fmt,

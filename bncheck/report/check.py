@@ -70,7 +70,7 @@ def divergence_line(result: CheckResult) -> str:
     top1 = "" if d.top1_agreement is None else f", top-1 agreement {d.top1_agreement:.1%}"
     return (
         f"outputs, running vs batch statistics: relative L2 {d.rel_l2:.3g}{top1} "
-        f"({d.samples} samples; threshold {result.thresholds.output_rel_l2:g})"
+        f"({plural(d.samples, 'sample')}; threshold {result.thresholds.output_rel_l2:g})"
     )
 
 
