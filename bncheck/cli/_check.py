@@ -47,9 +47,11 @@ def check(
     ] = None,
     max_batches: MaxBatchesOpt = None,
     report: Annotated[
-        Path | None,
+        str | None,  # not Path: Path("out/") drops the slash that says "a folder"
         typer.Option(
-            "--report", help="also write a self-contained HTML page with charts (bncheck[report])"
+            "--report",
+            metavar="<path>",
+            help="also write a self-contained HTML page with charts (bncheck[report])",
         ),
     ] = None,
     task: Annotated[

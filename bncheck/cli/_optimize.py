@@ -39,8 +39,13 @@ from bncheck.errors import ExitCode
 def optimize(
     model: Annotated[Path, typer.Argument(help="model file to optimize")],
     output: Annotated[
-        Path,
-        typer.Option("-o", "--output", help="where to write: .onnx, or .pt2 for PyTorch models"),
+        str,  # not Path: Path("out/") drops the slash that says "a folder"
+        typer.Option(
+            "-o",
+            "--output",
+            metavar="<path>",
+            help="where to write: .onnx, or .pt2 for PyTorch models",
+        ),
     ],
     data: Annotated[
         Path | None,

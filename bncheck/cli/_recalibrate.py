@@ -33,7 +33,10 @@ def recalibrate(
         Path, typer.Option("--data", help="calibration data (.npy, .npz, .pt, images)")
     ],
     output: Annotated[
-        Path | None, typer.Option("-o", "--output", help="where to write (same format as MODEL)")
+        str | None,  # not Path: Path("out/") drops the slash that says "a folder"
+        typer.Option(
+            "-o", "--output", metavar="<path>", help="where to write (same format as MODEL)"
+        ),
     ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="batch size (≥ 16 advised)")] = 32,
     max_samples: Annotated[

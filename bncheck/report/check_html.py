@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from bncheck.api._check import CheckResult, LayerCheck
+from bncheck.api._common import is_folder
 from bncheck.atomic import temp_beside
 from bncheck.errors import InputError
 from bncheck.report import layer_label, origins
@@ -54,10 +55,12 @@ def require_matplotlib() -> None:
 def check_report_path(path: str | os.PathLike[str]) -> Path:
     """Refuse a report path that cannot be written, before any work is done."""
     out = Path(path)
+    if is_folder(path):
+        raise InputError(
+            f"{os.fspath(path)}: is a folder, not a file name; give one, e.g. {out / 'check.html'}"
+        )
     if out.suffix.lower() not in SUFFIXES:
         raise InputError(f"{out}: the report must end in .html")
-    if out.is_dir():
-        raise InputError(f"{out}: is a folder; give a file name")
     parent = out.parent.resolve()
     if not parent.is_dir():
         raise InputError(f"{out}: folder {out.parent} does not exist")
