@@ -295,7 +295,8 @@ def untracked_batches(layer: BNLayer | None, info: ModelInfo) -> str | None:
     "BN201",
     "train-mode",
     Severity.ERROR,
-    "call model.eval() before saving or exporting (ONNX: export with training=EVAL)",
+    "call model.eval() before saving or exporting (torch.onnx.export: keep the default "
+    "training=TrainingMode.EVAL)",
     model=True,
 )
 def train_mode(layer: BNLayer | None, info: ModelInfo) -> str | None:
