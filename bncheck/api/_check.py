@@ -224,8 +224,8 @@ def check(
     outputs are: ``classify`` (class scores, so top-1 agreement is judged too) or ``other``
     (the default: the relative L2 alone).
 
-    A model without BN layers has nothing to check: the data is not read, and the result has
-    no layers and no findings.
+    A model without BN layers has nothing to check: the data is opened (so bad data is still an
+    error) but not run, and the result has no layers and no findings.
     """
     from bncheck.data import open_data
 
@@ -243,16 +243,6 @@ def check(
         raise InputError("give either a data file (--data) or --synthetic, not both")
     handle = as_handle(model, input_shapes=input_shapes, **open_options)
     info = handle.info()
-    if not info.bn_layers:
-        return CheckResult(
-            info=info,
-            data="synthetic N(0, 1) input" if data is None else str(data),
-            synthetic=data is None,
-            samples=0,
-            batches=0,
-            thresholds=th,
-            task=task,
-        )
     source = open_data(
         data,
         inputs=info.inputs,
@@ -273,6 +263,8 @@ def check(
         task=task,
         notes=list(source.notes),
     )
+    if not info.bn_layers:
+        return result  # the data is checked (bad data is still an error), not run
 
     if info.training:
         result.notes.append(
