@@ -34,6 +34,7 @@ KNOWN_KEYS: dict[str, type | tuple[type, ...]] = {
     "data": dict,
     "include": list,  # globs: which files a folder walk keeps (inspect over folders)
     "exclude": list,  # globs: files and folders a run leaves out
+    "task": str,  # what check's outputs are: classify | other
 }
 # Keys whose lists / tables must hold strings only.
 STRING_ITEMS = {"select", "ignore", "include", "exclude", "arch"}

@@ -12,7 +12,9 @@ line the summary). Layer rules see one :class:`~bncheck.mismatch.LayerMismatch` 
 - ``BN402`` (warning): the model's outputs in inference mode are far from the outputs it gives
   when every BN uses the current batch's statistics. Batch statistics carry sampling noise
   (about ``1/√(batch·H·W)`` per channel), so small batches raise this figure on healthy data:
-  the threshold is generous and the severity a warning.
+  the threshold is generous and the severity a warning. Top-1 agreement is judged only when
+  the outputs are class scores (``task = "classify"``); an embedding or a feature map has no
+  classes, and the argmax of one says nothing.
 - ``BN403`` (info): the data was synthetic, so none of the figures says much about real data.
 """
 
@@ -27,6 +29,7 @@ from bncheck.errors import InputError
 from bncheck.layers import Finding, Severity
 from bncheck.mismatch import LayerMismatch, Thresholds
 from bncheck.rules import Rule, is_selected
+from bncheck.wording import plural
 
 # Defaults for the output-level rule. On the sample ResNet with its own calibration data the
 # inference-mode vs batch-statistics relative L2 is 0.15 at batch 32 and 0.38 at batch 8 (pure
@@ -72,7 +75,7 @@ class CheckThresholds:
     ``kl`` nats per channel, ``max_share`` of channels). ``output_rel_l2``: BN402 fires when the
     outputs' relative L2 distance ``‖y_inference − y_batchstats‖₂/‖y_inference‖₂`` exceeds it.
     ``top1_agreement``: BN402 also fires when a classifier's top-1 agreement between the two
-    modes falls below it.
+    modes falls below it (judged only with ``task = "classify"``: outputs that are class scores).
     """
 
     layer: Thresholds = field(default_factory=Thresholds)
@@ -122,8 +125,9 @@ class DataEvidence:
     """What the data rules judge: measured layers in graph order and the output figures.
 
     ``first`` is the first layer that is ``over`` (:func:`bncheck.mismatch.first_diverging`);
-    ``output_rel_l2`` / ``top1_agreement`` are None when not measured (no batch of ≥ 2 samples,
-    or no classifier-shaped output).
+    ``output_rel_l2`` / ``top1_agreement`` are None when not measured (no batch of ≥ 2 samples;
+    for top-1, outputs that are not class scores). ``names`` maps a layer's name to the module
+    path the exporter recorded, the name messages use where there is one.
     """
 
     layers: tuple[LayerMismatch, ...]
@@ -133,6 +137,11 @@ class DataEvidence:
     top1_agreement: float | None
     synthetic: bool
     samples: int
+    names: Mapping[str, str | None] = field(default_factory=dict)
+
+    def label(self, name: str) -> str:
+        """The name a person knows the layer by: its module path, else its name."""
+        return self.names.get(name) or name
 
 
 @dataclass(frozen=True)
@@ -158,7 +167,8 @@ def _rule(code: str, name: str, severity: Severity, hint: str, *, per_layer: boo
 def _layer_figures(layer: LayerMismatch, th: Thresholds) -> str:
     over = round(layer.share_over * layer.channels)
     return (
-        f"{over} of {layer.channels} channels over KL {th.kl:g} (score {layer.score:.3g} nats; "
+        f"{over} of {plural(layer.channels, 'channel')} over KL {th.kl:g} "
+        f"(score {layer.score:.3g} nats; "
         f"median |mean shift| {layer.median_abs_mean_shift:.3g} running std, max "
         f"{layer.max_abs_mean_shift:.3g}; median |log var ratio| "
         f"{layer.median_abs_log_var_ratio:.3g}; worst channel {layer.worst_channel})"
@@ -205,10 +215,12 @@ def output_divergence(layer: LayerMismatch | None, ev: DataEvidence) -> str | No
 
     Every batch runs twice: in inference mode (BN uses running statistics) and with every BN
     normalizing by the batch's own statistics. The figure is the relative L2 distance
-    ``‖y_inference − y_batch‖₂ / ‖y_inference‖₂`` over all outputs and samples, plus the top-1
-    agreement for classifier outputs. Batch statistics carry sampling noise, so small batches
-    raise the distance even on data the model was calibrated on; the thresholds
-    (``output-rel-l2``, ``top1-agreement``) are set well above that noise.
+    ``‖y_inference − y_batch‖₂ / ‖y_inference‖₂`` over all outputs and samples; for a
+    classifier (``task = "classify"`` in ``[tool.bncheck]``, or ``--task classify``) also the
+    share of samples whose top-1 class agrees. Top-1 is not judged otherwise: an embedding or a
+    feature map has no classes. Batch statistics carry sampling noise, so small batches raise
+    the distance even on data the model was calibrated on; the thresholds (``output-rel-l2``,
+    ``top1-agreement``) are set well above that noise.
     """
     th = ev.thresholds
     parts = []
@@ -224,7 +236,7 @@ def output_divergence(layer: LayerMismatch | None, ev: DataEvidence) -> str | No
     return (
         "outputs with running statistics differ from those with the data's batch statistics: "
         + "; ".join(parts)
-        + f" over {ev.samples} samples"
+        + f" over {plural(ev.samples, 'sample')}"
     )
 
 
@@ -263,7 +275,7 @@ def downstream_divergence(layer: LayerMismatch | None, ev: DataEvidence) -> str 
     if layer is None or not layer.over or ev.first is None or layer.name == ev.first:
         return None
     return (
-        f"diverges downstream of {ev.first} (likely inherited): "
+        f"diverges downstream of {ev.label(ev.first)} (likely inherited): "
         f"{_layer_figures(layer, ev.thresholds.layer)}"
     )
 

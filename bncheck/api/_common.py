@@ -39,6 +39,13 @@ def as_handle(model: str | os.PathLike[str] | ModelHandle, **open_options: Any) 
     return model if isinstance(model, ModelHandle) else open_model(model, **open_options)
 
 
+def is_folder(path: str | os.PathLike[str]) -> bool:
+    """True for an existing folder, or a path written as one (ending in a slash): an output
+    path the user meant as a place to put a file, not the file's name."""
+    text = os.fspath(path)
+    return Path(text).is_dir() or text.endswith(("/", os.sep))
+
+
 def check_output_path(
     handle: ModelHandle,
     output: str | os.PathLike[str] | None,
@@ -54,10 +61,13 @@ def check_output_path(
     if output is None:
         return None
     out = Path(output)
+    if is_folder(output):
+        example = out / f"{Path(handle.path).stem}{allowed[0] if allowed else ''}"
+        raise InputError(
+            f"{os.fspath(output)}: is a folder, not a file name; give one, e.g. {example}"
+        )
     if allowed and out.suffix.lower() not in allowed:
         raise InputError(f"{out}: the output must end in {' or '.join(allowed)}")
-    if out.is_dir():
-        raise InputError(f"{out}: is a folder; give a file name")
     if not out.parent.resolve().is_dir():
         raise InputError(f"{out}: folder {out.parent} does not exist")
     if not os.access(out.parent.resolve(), os.W_OK):

@@ -29,7 +29,10 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    rich_markup_mode="rich",
+    # Help text is plain text: rich markup would eat every bracketed word
+    # ("[tool.bncheck.thresholds]", "bncheck[report]") and show flags with a <bool> metavar.
+    rich_markup_mode=None,
+    context_settings={"max_content_width": 100},
 )
 
 FAIL_ON = ("error", "warning", "info", "never")
@@ -37,22 +40,31 @@ FAIL_ON = ("error", "warning", "info", "never")
 # ---- shared option types ------------------------------------------------------------------
 FormatOpt = Annotated[
     str | None,
-    typer.Option("--format", help="text | json | github | markdown (inspect also: sarif | junit)"),
+    typer.Option(
+        "--format",
+        metavar="<format>",
+        help="text | json | github | markdown (inspect also: sarif | junit)",
+    ),
 ]
 FailOnOpt = Annotated[
     str | None,
     typer.Option(
-        "--fail-on", help="exit 1 on findings at or above: error | warning | info | never"
+        "--fail-on",
+        metavar="<severity>",
+        help="exit 1 on findings at or above: error | warning | info | never",
     ),
 ]
 SelectOpt = Annotated[
     list[str] | None,
     typer.Option(
-        "--select", help="only these rule codes or prefixes (comma-separated or repeated)"
+        "--select",
+        metavar="<codes>",
+        help="only these rule codes or prefixes (comma-separated or repeated)",
     ),
 ]
 IgnoreOpt = Annotated[
-    list[str] | None, typer.Option("--ignore", help="skip these rule codes or prefixes")
+    list[str] | None,
+    typer.Option("--ignore", metavar="<codes>", help="skip these rule codes or prefixes"),
 ]
 ArchOpt = Annotated[
     str | None,
@@ -72,7 +84,9 @@ TrustOpt = Annotated[
 ShapeOpt = Annotated[
     list[str] | None,
     typer.Option(
-        "--input-shape", help="input shape 1,3,224,224, or name=1,3,224,224 per input (repeat)"
+        "--input-shape",
+        metavar="<shape>",
+        help="input shape 1,3,224,224, or name=1,3,224,224 per input (repeat)",
     ),
 ]
 InPlaceOpt = Annotated[bool, typer.Option("--in-place", help="allow -o to overwrite the input")]

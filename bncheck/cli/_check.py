@@ -62,9 +62,20 @@ def check(
     ] = None,
     max_batches: MaxBatchesOpt = None,
     report: Annotated[
-        Path | None,
+        str | None,  # not Path: Path("out/") drops the slash that says "a folder"
         typer.Option(
-            "--report", help="also write a self-contained HTML page with charts (bncheck[report])"
+            "--report",
+            metavar="<path>",
+            help="also write a self-contained HTML page with charts (bncheck[report])",
+        ),
+    ] = None,
+    task: Annotated[
+        str | None,
+        typer.Option(
+            "--task",
+            metavar="<task>",
+            help="what the outputs are: classify (class scores: top-1 agreement is judged too) "
+            "| other (relative L2 alone; the default). Also task in [tool.bncheck]",
         ),
     ] = None,
     fmt: FormatOpt = None,
@@ -115,11 +126,12 @@ def check(
             progress=progress,
             select=opts.select,
             ignore=opts.ignore,
+            task=task or opts.config.get("task"),
             **open_options,
         )
     if report is not None:
         written = check_html.write_html(result, report)
         if not opts.quiet:
             print(f"bncheck: wrote {written}", file=sys.stderr)
-    render(rep, result, opts, verbose=opts.verbose)
+    render(rep, result, opts, verbose=opts.verbose, show_info=bool(opts.select))
     raise typer.Exit(exit_code_for(result.findings, opts.fail_on))

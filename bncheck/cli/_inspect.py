@@ -111,7 +111,7 @@ def _inspect_one(model: Path, opts: Common) -> NoReturn:
         print(f"bncheck: error: {exc}", file=sys.stderr)
         emit(rep.error_json(str(model), str(exc), int(exc.exit_code)))
         raise typer.Exit(exc.exit_code) from None
-    render(rep, result, opts, verbose=opts.verbose)
+    render(rep, result, opts, verbose=opts.verbose, show_info=bool(opts.select))
     raise typer.Exit(exit_code_for(result.findings, opts.fail_on))
 
 
@@ -163,7 +163,9 @@ def _inspect_many(
     elif opts.format == "markdown":
         emit(rep.render_markdown(run))
     else:
-        rep.render_text(run, console(), verbose=opts.verbose, quiet=opts.quiet)
+        rep.render_text(
+            run, console(), verbose=opts.verbose, quiet=opts.quiet, show_info=bool(opts.select)
+        )
     raise typer.Exit(rep.exit_code(run, opts.fail_on))
 
 

@@ -39,7 +39,6 @@ from bncheck.cli import (
 from bncheck.cli._bench import (
     BatchOpt,
     DeviceOpt,
-    RoundsOpt,
     ThreadsOpt,
     parse_batch_sizes,
 )
@@ -50,8 +49,13 @@ from bncheck.errors import ExitCode
 def optimize(
     model: Annotated[Path, typer.Argument(help="model file to optimize")],
     output: Annotated[
-        Path,
-        typer.Option("-o", "--output", help="where to write: .onnx, or .pt2 for PyTorch models"),
+        str,  # not Path: Path("out/") drops the slash that says "a folder"
+        typer.Option(
+            "-o",
+            "--output",
+            metavar="<path>",
+            help="where to write: .onnx, or .pt2 for PyTorch models",
+        ),
     ],
     data: DataOpt = None,
     data_kwargs: DataKwargsOpt = None,
@@ -89,7 +93,14 @@ def optimize(
     time_budget: Annotated[
         float, typer.Option("--time-budget", help="seconds of timed calls per model")
     ] = 0.5,
-    rounds: RoundsOpt = None,
+    rounds: Annotated[
+        int | None,
+        typer.Option(
+            "--rounds",
+            help="interleaved rounds of the input and the optimized model in the latency "
+            "comparison (default 20)",
+        ),
+    ] = None,
     in_place: InPlaceOpt = False,
     fmt: FormatOpt = None,
     fail_on: FailOnOpt = None,

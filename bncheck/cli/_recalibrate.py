@@ -42,7 +42,10 @@ from bncheck.errors import ExitCode, InputError
 def recalibrate(
     model: Annotated[Path, typer.Argument(help="model file to recalibrate")],
     output: Annotated[
-        Path | None, typer.Option("-o", "--output", help="where to write (same format as MODEL)")
+        str | None,  # not Path: Path("out/") drops the slash that says "a folder"
+        typer.Option(
+            "-o", "--output", metavar="<path>", help="where to write (same format as MODEL)"
+        ),
     ] = None,
     data: DataOpt = None,
     data_kwargs: DataKwargsOpt = None,

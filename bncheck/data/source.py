@@ -48,6 +48,7 @@ from bncheck.data.readers import (
 from bncheck.data.spec import DataSpec
 from bncheck.errors import InputError
 from bncheck.layers import TensorSpec
+from bncheck.wording import plural
 
 __all__ = ["DataSource", "DataSpec", "ImageOptions", "open_data", "sniff_data"]
 
@@ -257,7 +258,9 @@ def open_data(
     if drop_last:
         n -= n % batch_size
         if n == 0:
-            raise InputError(f"{where}: {total} samples, fewer than one full batch of {batch_size}")
+            raise InputError(
+                f"{where}: {plural(total, 'sample')}, fewer than one full batch of {batch_size}"
+            )
     bounds = [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
 
     shapes = "; ".join(
@@ -265,11 +268,11 @@ def open_data(
     )
     if synthetic:
         desc = (
-            f"synthetic N(0, 1) input (seed {seed}), {n} samples of {shapes}, batches of "
+            f"synthetic N(0, 1) input (seed {seed}), {plural(n, 'sample')} of {shapes}, batches of "
             f"{batch_size}: figures computed on it say little about real data"
         )
     else:
-        desc = f"{p.name}: {n} of {total} samples of {shapes}, batches of {batch_size}"  # type: ignore[union-attr]
+        desc = f"{p.name}: {n} of {plural(total, 'sample')} of {shapes}, batches of {batch_size}"  # type: ignore[union-attr]
     return DataSource(
         path=p,
         format=fmt,

@@ -83,14 +83,19 @@ def to_json(run: InspectRun, fail_on: str) -> str:
 
 
 def render_text(
-    run: InspectRun, console: Console, *, verbose: bool = False, quiet: bool = False
+    run: InspectRun,
+    console: Console,
+    *,
+    verbose: bool = False,
+    quiet: bool = False,
+    show_info: bool = False,
 ) -> None:
     for e in run.entries:
         if e.result is not None:
             if quiet:
                 console.print(one.summary_line(e.result))
             else:
-                one.render_text(e.result, console, verbose=verbose)
+                one.render_text(e.result, console, verbose=verbose, show_info=show_info)
                 console.print()
         elif e.error is not None:
             console.print(

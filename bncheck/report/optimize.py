@@ -24,6 +24,7 @@ from bncheck.report import (
 )
 from bncheck.report import bench as bench_rep
 from bncheck.report.fold import verification_line
+from bncheck.wording import plural
 
 SCHEMA = "bncheck.optimize/2"
 LABELS = ("original", "optimized")
@@ -55,7 +56,7 @@ def recal_line(result: OptimizeResult) -> str:
     if d["accuracy_before"] is not None and d["accuracy_after"] is not None:
         acc = f", accuracy {d['accuracy_before']:.1%} → {d['accuracy_after']:.1%}"
     return (
-        f"recalibrated {d['layers']} BN layers on {d['data']}: "
+        f"recalibrated {plural(d['layers'], 'BN layer')} on {d['data']}: "
         f"layers over the mismatch threshold {d['mismatched_before']} → "
         f"{d['mismatched_after']}{acc}"
     )
@@ -66,7 +67,7 @@ def fold_line(result: OptimizeResult) -> str:
     if f is None:
         return "fold skipped: the recalibration lowered accuracy (BN405)"
     return (
-        f"folded {f.folded_count} of {len(f.steps)} BN layers "
+        f"folded {f.folded_count} of {plural(len(f.steps), 'BN layer')} "
         f"(BN left: {len(f.folded.bn_layers)}; parameters {f.source.parameters:,} → "
         f"{f.folded.parameters:,})"
     )

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from bncheck.api._recalibrate import SETTLED, RecalibrateResult, describe_batches
 from bncheck.report import (
@@ -11,9 +13,12 @@ from bncheck.report import (
     finding_dict,
     findings_markdown,
     github_lines,
+    layer_label,
     md_escape,
+    origins,
     print_findings,
 )
+from bncheck.wording import plural
 
 SCHEMA = "bncheck.recalibrate/1"
 
@@ -36,8 +41,8 @@ def summary_line(r: RecalibrateResult) -> str:
     if r.refused:
         wrote = " · NOT written: accuracy fell (BN405; --force writes it)"
     return (
-        f"{r.info.path}: recalibrated {len(r.layers)} BN layers ({r.mode}) on {r.samples} "
-        f"samples in {describe_batches(r.batch_sizes)}{acc}{wrote}"
+        f"{r.info.path}: recalibrated {plural(len(r.layers), 'BN layer')} ({r.mode}) on "
+        f"{plural(r.samples, 'sample')} in {describe_batches(r.batch_sizes)}{acc}{wrote}"
     )
 
 
@@ -55,6 +60,7 @@ def to_json(r: RecalibrateResult) -> str:
             "share_over": m.share_over,
         }
 
+    names = origins(r.info)
     payload = {
         "model": {"path": r.info.path, "format": r.info.format},
         "output": None if r.output is None else str(r.output),
@@ -77,6 +83,7 @@ def to_json(r: RecalibrateResult) -> str:
         "layers": [
             {
                 "name": x.name,
+                "origin": names.get(x.name),
                 "before": mm(x.before),
                 "after": mm(x.after),
                 "mean_change_last_half": x.mean_change,
@@ -93,7 +100,7 @@ def to_json(r: RecalibrateResult) -> str:
 
 def render_text(r: RecalibrateResult, console: Console) -> None:
     table = Table(
-        title=f"recalibrate {r.info.path}  [dim]({r.data})",
+        title=f"recalibrate {escape(r.info.path)}  [dim]({escape(r.data)})",
         title_justify="left",
         header_style="bold",
     )
@@ -101,14 +108,14 @@ def render_text(r: RecalibrateResult, console: Console) -> None:
     table.add_column("mismatch before", justify="right")
     table.add_column("after", justify="right")
     table.add_column("last-half change (mean σ / var)", justify="right")
-    origin = {x.name: x.origin for x in r.info.bn_layers}
+    names = origins(r.info)
     for x in r.layers:
         change = (
             "—"
             if x.mean_change is None
             else f"{x.mean_change:.3f} / {x.var_change:.3f}" + ("" if x.converged else " !")
         )
-        table.add_row(origin.get(x.name) or x.name, _score(x.before), _score(x.after), change)
+        table.add_row(layer_label(x.name, names), _score(x.before), _score(x.after), change)
     console.print(table)
     console.print(
         "[dim]mismatch = KL of a high-percentile channel between the layer's input "
@@ -116,18 +123,20 @@ def render_text(r: RecalibrateResult, console: Console) -> None:
     )
     print_findings(console, r.findings)
     for w in r.warnings:
-        console.print(f"[yellow]warning:[/] {w}")
+        console.print(Text.assemble(("warning:", "yellow"), f" {w}"))
     for n in r.notes:
-        console.print(f"[dim]note: {n}[/]")
-    console.print(summary_line(r), style="bold red" if r.refused else "bold")
+        console.print(Text(f"note: {n}", style="dim"))
+    console.print(Text(summary_line(r), style="bold red" if r.refused else "bold"))
 
 
 def render_markdown(r: RecalibrateResult) -> str:
     lines = [f"### bncheck recalibrate: `{r.info.path}`", ""]
     lines += ["| BN layer | mismatch before | after | converged |", "|---|---:|---:|---|"]
+    names = origins(r.info)
     for x in r.layers:
         lines.append(
-            f"| `{md_escape(x.name)}` | {_score(x.before)} | {_score(x.after)} | {x.converged} |"
+            f"| `{md_escape(layer_label(x.name, names))}` | {_score(x.before)} | "
+            f"{_score(x.after)} | {x.converged} |"
         )
     lines += findings_markdown(r.findings)
     lines += ["", f"**{md_escape(summary_line(r))}**", ""]
