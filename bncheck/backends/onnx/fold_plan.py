@@ -12,7 +12,8 @@ and :mod:`bncheck.backends.onnx.fold` carries them out, so both always agree.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from onnx import NodeProto
@@ -130,6 +131,8 @@ class FoldPlan:
     producer: NodeProto | None  # the weighted producer, reached through ``chain``
     chain: tuple[NodeProto, ...]
     consumer: NodeProto | None  # the weighted consumer, when one was considered
+    # a fold_layout.LayoutFold or reparam.BranchMerge: a producer fold it carries out itself
+    via: Any = field(default=None, kw_only=True)
     source: NodeProto | None = None  # the node directly producing the BN input
 
 
@@ -348,8 +351,31 @@ def fold_plan(index: GraphIndex, bn: NodeProto, facts: BNFacts | None = None) ->
     if c_reason is None and cons is not None:
         decision = FoldDecision("consumer", node_label(cons))
         return FoldPlan(decision, bn, facts, None, (), cons, immediate)
+    via = _further(index, facts, immediate, cons)
+    if not isinstance(via, str):
+        decision = FoldDecision("producer", via.target)
+        return FoldPlan(decision, bn, facts, None, (), None, immediate, via=via)
+    if via:
+        p_reason = f"{p_reason} ({via})"
     decision = FoldDecision(None, None, f"{p_reason}; {c_reason}")
     return FoldPlan(decision, bn, facts, prod, chain, cons, immediate)
+
+
+def _further(
+    index: GraphIndex, facts: BNFacts, immediate: NodeProto | None, cons: NodeProto | None
+) -> Any:
+    """The rewrites beyond a neighbour fold, tried when both neighbours refuse: through
+    layout ops (``fold_layout.py``), or as an identity branch of summed convolutions
+    (``reparam.py``). Returns the rewrite, why it does not apply, or "" when none is near."""
+    from bncheck.backends.onnx.fold_layout import LAYOUT_OPS, layout_fold  # they import us
+    from bncheck.backends.onnx.reparam import identity_merge
+
+    if immediate is not None and immediate.op_type in LAYOUT_OPS:
+        return layout_fold(index, facts)
+    uses = index.uses(facts.y)
+    if cons is None and len(uses) == 1 and uses[0].op_type == "Add":
+        return identity_merge(index, facts)
+    return ""
 
 
 def plan_fold(index: GraphIndex, bn: NodeProto) -> FoldDecision:

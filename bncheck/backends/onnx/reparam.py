@@ -1,0 +1,306 @@
+"""Structural reparameterisation: summed parallel branches on one input become one Conv.
+
+RepVGG, MobileOne and FastViT blocks compute ``Add(Conv₁(x)+BN, Conv₂(x)+BN, …, BN(x))``. Once
+each branch BN has folded into its Conv, the sum is one convolution (the math and its alignment
+conditions are in :mod:`bncheck.numerics.reparam`): the kernels add up, each embedded in the
+largest at the tap where its window lines up, and an identity branch ``BN(x) = s·x + t`` (or a
+bare ``x``) is a kernel with ``s[o]`` at the centre tap of channel ``o``. The merged Conv takes
+the largest kernel's place and writes the sum; the other Convs, the identity BN and the Adds go.
+
+Matched: a tree of ``Add`` nodes (inner sums read once, by the next Add) whose every leaf is a
+Conv on the same input ``x`` (its output read once, optionally through a BN that folds into it),
+a BN on ``x``, or ``x`` itself. All Convs share groups, strides and dilations and have explicit
+padding (no ``auto_pad``); every kernel fits the largest with matching padding; identity leaves
+need stride 1, an output the size of the input and as many output channels as input channels.
+
+:func:`identity_merge` tells the planner whether an identity BN goes this way (so ``inspect``
+and ``fold`` agree); the merges happen in :func:`merge_branches`, after every BN fold, and also
+cover sums with no identity BN (RepVGG's stride-2 blocks), which hold no BN of their own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from onnx import NodeProto
+
+from bncheck.backends.onnx.fold_plan import BNFacts, FoldPlan, bn_facts, bn_reason, fold_plan
+from bncheck.backends.onnx.graph import GraphIndex, attr, node_label
+from bncheck.backends.onnx.rewrite import Rewrite
+from bncheck.numerics.reparam import merge_branches as merge_kernels
+from bncheck.numerics.reparam import tap_offset
+
+__all__ = ["BranchMerge", "identity_merge", "merge_branches"]
+
+
+def _default(node: NodeProto | None, op: str) -> bool:
+    return node is not None and node.op_type == op and node.domain in ("", "ai.onnx")
+
+
+def _desc(node: NodeProto) -> str:
+    return f"{node.op_type} '{node_label(node)}'"
+
+
+@dataclass(frozen=True)
+class Leaf:
+    tensor: str  # what the Add tree reads
+    conv: NodeProto | None  # a Conv branch, else an identity branch
+    bn: NodeProto | None  # the BN after the Conv, or the identity BN; None for a bare x
+
+
+@dataclass(frozen=True)
+class BranchMerge:
+    """Branches summed by ``root`` (through ``adds``), merged into ``host`` (largest kernel)."""
+
+    root: NodeProto
+    adds: tuple[NodeProto, ...]
+    convs: tuple[Leaf, ...]
+    identities: tuple[Leaf, ...]
+    host: NodeProto
+    kernel: tuple[int, ...]
+    offsets: tuple[tuple[int, ...], ...]  # per conv, tap offset inside ``kernel``
+    centre: tuple[int, ...] | None  # the identity tap, when there are identity branches
+    groups: int
+
+    @property
+    def target(self) -> str:
+        return f"{node_label(self.host)} (branches merged at Add '{node_label(self.root)}')"
+
+    def fold(self, rw: Rewrite, plan: FoldPlan) -> str | None:
+        return None  # carried out by merge_branches, once every branch BN has folded
+
+
+def _single_reader(index: GraphIndex, tensor: str, reader: NodeProto) -> bool:
+    uses = index.uses(tensor)
+    return len(uses) == 1 and uses[0] is reader and not index.is_graph_output(tensor)
+
+
+def _leaf(index: GraphIndex, tensor: str) -> Leaf:
+    prod = index.producer.get(tensor)
+    if _default(prod, "BatchNormalization") and prod.output[0] == tensor:
+        below = index.producer.get(prod.input[0])
+        if _default(below, "Conv") and _single_reader(index, prod.input[0], prod):
+            return Leaf(tensor, below, prod)
+        return Leaf(tensor, None, prod)
+    if _default(prod, "Conv") and prod.output[0] == tensor:
+        return Leaf(tensor, prod, None)
+    return Leaf(tensor, None, None)
+
+
+def _leaf_input(leaf: Leaf) -> str:
+    if leaf.conv is not None:
+        return leaf.conv.input[0]
+    return leaf.bn.input[0] if leaf.bn is not None else leaf.tensor
+
+
+def _tree(index: GraphIndex, root: NodeProto) -> tuple[list[NodeProto], list[Leaf]]:
+    adds, leaves = [root], []
+    stack = [root]
+    while stack:
+        add = stack.pop()
+        for name in add.input:
+            prod = index.producer.get(name)
+            if _default(prod, "Add") and len(prod.input) == 2 and _single_reader(index, name, add):
+                adds.append(prod)
+                stack.append(prod)
+            else:
+                leaves.append(_leaf(index, name))
+    return adds, leaves
+
+
+def _ints(node: NodeProto, name: str, n: int, fill: int) -> tuple[int, ...]:
+    v = attr(node, name, None)
+    return tuple(int(x) for x in v) if v else (fill,) * n
+
+
+BnCheck = Callable[[NodeProto, NodeProto], str | None]  # (bn, conv) → why it has not folded
+
+
+def _planned(index: GraphIndex) -> BnCheck:
+    def check(bn: NodeProto, conv: NodeProto) -> str | None:
+        plan = fold_plan(index, bn)
+        if plan.decision.into == "producer" and plan.producer is conv and not plan.chain:
+            return None
+        return f"branch BN '{node_label(bn)}' does not fold into {_desc(conv)}"
+
+    return check
+
+
+def match_group(index: GraphIndex, root: NodeProto, bn_folded: BnCheck) -> BranchMerge | str:
+    """The branches summed at ``root`` as one mergeable group, or why they are not."""
+    if not _default(root, "Add") or len(root.input) != 2:
+        return f"{_desc(root)} is not a two-input Add"
+    adds, leaves = _tree(index, root)
+    xs = {_leaf_input(leaf) for leaf in leaves}
+    convs = [leaf for leaf in leaves if leaf.conv is not None]
+    idents = [leaf for leaf in leaves if leaf.conv is None]
+    if len(xs) != 1 or not convs:
+        return f"the branches summed at {_desc(root)} are not convolutions of one input"
+    for leaf in leaves:
+        reader = next(a for a in adds if leaf.tensor in a.input)
+        if leaf.tensor not in xs and not _single_reader(index, leaf.tensor, reader):
+            return f"branch output '{leaf.tensor}' is also read elsewhere"
+    first = convs[0].conv
+    n = len(index.const_shape(first.input[1]) or ()) - 2
+    if n < 1:
+        return f"weight of {_desc(first)} is unknown"
+    groups = int(attr(first, "group", 1))
+    strides, dil = _ints(first, "strides", n, 1), _ints(first, "dilations", n, 1)
+    shapes = []
+    for leaf in convs:
+        c = leaf.conv
+        w = index.const_shape(c.input[1]) if len(c.input) > 1 else None
+        if not w or len(w) != n + 2 or not index.is_constant(c.input[1]):
+            return f"weight of {_desc(c)} is not a constant {n}-D kernel"
+        if len(c.input) > 2 and c.input[2] and not index.is_constant(c.input[2]):
+            return f"bias of {_desc(c)} is not constant"
+        if int(attr(c, "group", 1)) != groups:
+            return f"the convolutions summed at {_desc(root)} differ in groups"
+        if _ints(c, "strides", n, 1) != strides or _ints(c, "dilations", n, 1) != dil:
+            return f"the convolutions summed at {_desc(root)} differ in stride or dilation"
+        pad = attr(c, "auto_pad", b"NOTSET")
+        if (pad.decode() if isinstance(pad, bytes) else str(pad)) not in ("NOTSET", ""):
+            return f"{_desc(c)} uses auto_pad"
+        if tuple(w[:2]) != tuple(index.const_shape(first.input[1])[:2]):
+            return f"the convolutions summed at {_desc(root)} differ in channels"
+        shapes.append(tuple(w[2:]))
+        if leaf.bn is not None:
+            why = bn_folded(leaf.bn, c)
+            if why:
+                return why
+    host_i = max(range(len(convs)), key=lambda i: int(np.prod(shapes[i])))
+    host, kernel = convs[host_i].conv, shapes[host_i]
+    hp = _ints(host, "pads", 2 * n, 0)
+    offsets = []
+    for leaf, k in zip(convs, shapes, strict=True):
+        p = _ints(leaf.conv, "pads", 2 * n, 0)
+        off = [
+            tap_offset(kernel[a], k[a], (hp[a], hp[a + n]), (p[a], p[a + n]), dil[a])
+            for a in range(n)
+        ]
+        if any(o is None for o in off):
+            return f"{_desc(leaf.conv)} does not line up with {_desc(host)} (kernel or padding)"
+        offsets.append(tuple(off))
+    centre = None
+    if idents:
+        cout, cin_g = index.const_shape(host.input[1])[:2]
+        if cin_g * groups != cout or any(s != 1 for s in strides):
+            return (
+                f"an identity branch at {_desc(root)} needs stride 1 and as many channels out as in"
+            )
+        centre = tuple(hp[a] // dil[a] for a in range(n))
+        if any(hp[a] % dil[a] or hp[a] + hp[a + n] != dil[a] * (kernel[a] - 1) for a in range(n)):
+            return f"{_desc(host)} does not keep the size of its input (identity branch)"
+        for leaf in idents:
+            if leaf.bn is not None:
+                facts = bn_facts(index, leaf.bn)
+                why = bn_reason(index, facts)
+                if why or facts.channels != cout:
+                    return (
+                        why or f"identity BN '{node_label(leaf.bn)}' has {facts.channels} channels"
+                    )
+    return BranchMerge(
+        root, tuple(adds), tuple(convs), tuple(idents), host, kernel, tuple(offsets), centre, groups
+    )
+
+
+def _parent(index: GraphIndex, add: NodeProto) -> NodeProto | None:
+    """The Add that reads ``add``'s output as an inner sum, if any."""
+    uses = index.uses(add.output[0])
+    if len(uses) == 1 and _default(uses[0], "Add") and len(uses[0].input) == 2:
+        return None if index.is_graph_output(add.output[0]) else uses[0]
+    return None
+
+
+def _root(index: GraphIndex, add: NodeProto, bn_folded: BnCheck) -> BranchMerge | str:
+    """The largest matching Add tree at or above ``add``, or why ``add``'s does not match.
+    (A tree that fails holds a leaf or a Conv that fails, so every tree above it fails too.)"""
+    chain = [add]
+    while (parent := _parent(index, chain[-1])) is not None:
+        chain.append(parent)
+    results = [match_group(index, a, bn_folded) for a in chain]
+    return next((r for r in reversed(results) if not isinstance(r, str)), results[0])
+
+
+def identity_merge(index: GraphIndex, facts: BNFacts) -> BranchMerge | str:
+    """The merge that takes ``facts``' BN as an identity branch, or why none does."""
+    leaf = _leaf(index, facts.y)
+    if leaf.conv is not None or leaf.bn is not facts.node:
+        return "output feeds an Add"
+    add = index.uses(facts.y)[0]
+    found = _root(index, add, _planned(index))
+    if isinstance(found, str):
+        return f"no branch merge: {found}"
+    return found
+
+
+def _executed(rw: Rewrite) -> BnCheck:
+    def check(bn: NodeProto, conv: NodeProto) -> str | None:
+        p = rw.position(conv)
+        if rw.position(bn) in rw.remove and rw.rename_output.get(p) == bn.output[0]:
+            return None
+        return f"branch BN '{node_label(bn)}' did not fold into {_desc(conv)}"
+
+    return check
+
+
+def _apply(rw: Rewrite, m: BranchMerge) -> str | None:
+    from bncheck.backends.onnx.fold import _bn_affine, _load_params, _overflows  # it imports us
+
+    for leaf in m.convs:
+        if leaf.bn is None and rw.position(leaf.conv) in rw.remove:
+            return f"{_desc(leaf.conv)} was rewritten"
+    convs, idents = [], []
+    for leaf, off in zip(m.convs, m.offsets, strict=True):
+        params = _load_params(rw, leaf.conv)
+        if isinstance(params, str):
+            return params
+        convs.append((params.weight, params.bias, off))
+    for leaf in m.identities:
+        if leaf.bn is None:
+            c = int(convs[0][0].shape[0])
+            idents.append((np.ones(c), np.zeros(c)))
+            continue
+        p = rw.position(leaf.bn)
+        if p in rw.remove or p in rw.affine:
+            return f"identity BN '{node_label(leaf.bn)}' was rewritten"
+        st = _bn_affine(bn_facts(rw.index, leaf.bn))
+        if isinstance(st, str):
+            return st
+        idents.append(st)
+    w, b = merge_kernels(convs, idents, kernel=m.kernel, groups=m.groups, centre=m.centre)
+    host = _load_params(rw, m.host)
+    problem = _overflows((w, b), (host.dtype, host.bias_dtype), "merged kernel")
+    if problem:
+        return problem
+    host.weight, host.bias, host.changed = w, b, True
+    for leaf in m.convs:
+        if leaf.conv is not m.host:
+            rw.remove.add(rw.position(leaf.conv))
+    rw.remove.update(rw.position(n) for n in (*m.adds, *(i.bn for i in m.identities if i.bn)))
+    rw.rename_output[rw.position(m.host)] = m.root.output[0]
+    return None
+
+
+def merge_branches(rw: Rewrite) -> list[tuple[NodeProto, str]]:
+    """Merge every matching sum of branches in the rewrite ``rw`` (after the BN folds);
+    returns the identity BNs planned into a merge that did not happen, with the reason."""
+    index = rw.index
+    executed, planned = _executed(rw), _planned(index)
+    failed: list[tuple[NodeProto, str]] = []
+    for add in index.model.graph.node:
+        if not _default(add, "Add") or rw.position(add) in rw.remove:
+            continue
+        parent = _parent(index, add)
+        if parent is not None and not isinstance(match_group(index, parent, planned), str):
+            continue  # an inner sum: its root merges it
+        m = match_group(index, add, planned)
+        if isinstance(m, str):
+            continue
+        why = match_group(index, add, executed)
+        why = why if isinstance(why, str) else _apply(rw, why)
+        if why:
+            failed += [(i.bn, f"branch merge: {why}") for i in m.identities if i.bn]
+    return failed
