@@ -21,12 +21,16 @@ def ints(name, values):
     return numpy_helper.from_array(np.array(values, np.int64), name)
 
 
-def levit(x_shape=(2, 5, 6), c=8, *, flat=(-1, 8), matmul=True):
-    """x (B, N, Cin) → MatMul + Add bias (or Gemm on 2-D x) → Reshape flat → BN → Reshape back."""
-    inits = [w("W", x_shape[-1], c), w("B", c), *bn_inits("bn", c), ints("flat", list(flat))]
+def levit(x_shape=(2, 5, 6), c=8, *, flat=(-1, 8), torch_weight=False):
+    """x (B, N, Cin) → MatMul + Add bias → Reshape flat → BN → Reshape back; ``torch_weight``:
+    the weight is ``Transpose(W)`` of a stored (out, in) matrix, as torch.onnx writes Linear."""
+    shape = (c, x_shape[-1]) if torch_weight else (x_shape[-1], c)
+    inits = [w("W", *shape), w("B", c), *bn_inits("bn", c), ints("flat", list(flat))]
     inits.append(ints("back", [-1, x_shape[1], c]))
-    nodes = [
-        helper.make_node("MatMul", ["x", "W"], ["mm"], name="linear"),
+    nodes = [helper.make_node("Transpose", ["W"], ["Wt"], name="wt", perm=[1, 0])]
+    nodes = nodes if torch_weight else []
+    nodes += [
+        helper.make_node("MatMul", ["x", "Wt" if torch_weight else "W"], ["mm"], name="linear"),
         helper.make_node("Add", ["mm", "B"], ["lin"], name="linear_bias"),
         helper.make_node("Reshape", ["lin", "flat"], ["f"], name="flatten"),
         bn_node("bn", "f", "b"),
@@ -35,8 +39,9 @@ def levit(x_shape=(2, 5, 6), c=8, *, flat=(-1, 8), matmul=True):
     return model_of(nodes, inits, x_shape)
 
 
-def test_levit_linear_flatten_bn_reshape_folds():
-    folded, steps = assert_same(levit())
+@pytest.mark.parametrize("torch_weight", [False, True])
+def test_levit_linear_flatten_bn_reshape_folds(torch_weight):
+    folded, steps = assert_same(levit(torch_weight=torch_weight))
     assert [(s.layer, s.into, s.target) for s in steps] == [
         ("bn", "producer", "linear (through Reshape 'flatten')")
     ]
