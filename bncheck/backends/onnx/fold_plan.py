@@ -12,8 +12,8 @@ and :mod:`bncheck.backends.onnx.fold` carries them out, so both always agree.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+import dataclasses
+from dataclasses import dataclass
 
 import numpy as np
 from onnx import NodeProto
@@ -132,7 +132,7 @@ class FoldPlan:
     chain: tuple[NodeProto, ...]
     consumer: NodeProto | None  # the weighted consumer, when one was considered
     # a fold_layout.LayoutFold or reparam.BranchMerge: a producer fold it carries out itself
-    via: Any = field(default=None, kw_only=True)
+    via: object = dataclasses.field(default=None, kw_only=True)
     source: NodeProto | None = None  # the node directly producing the BN input
 
 
@@ -363,7 +363,7 @@ def fold_plan(index: GraphIndex, bn: NodeProto, facts: BNFacts | None = None) ->
 
 def _further(
     index: GraphIndex, facts: BNFacts, immediate: NodeProto | None, cons: NodeProto | None
-) -> Any:
+) -> object:
     """The rewrites beyond a neighbour fold, tried when both neighbours refuse: through
     layout ops (``fold_layout.py``), or as an identity branch of summed convolutions
     (``reparam.py``). Returns the rewrite, why it does not apply, or "" when none is near."""
