@@ -21,20 +21,16 @@ from dataclasses import dataclass
 import numpy as np
 from onnx import NodeProto
 
-from bncheck.backends.onnx.fold_plan import BNFacts, FoldPlan, _weight_reason
+from bncheck.backends.onnx.fold_plan import BNFacts, FoldPlan, _desc, _weight_reason
 from bncheck.backends.onnx.graph import GraphIndex, attr, node_label
 from bncheck.backends.onnx.rewrite import Rewrite
 from bncheck.numerics.layout import axis_through_reshape, axis_through_transpose
 
-__all__ = ["LAYOUT_OPS", "LayoutFold", "layout_fold"]
+__all__ = ["LAYOUT_OPS", "LayoutFold", "fold_layout", "layout_fold", "single_reader"]
 
 LAYOUT_OPS = ("Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze")
 _MAX_LAYOUT = 4
 _MAX_CHAIN = 4
-
-
-def _desc(node: NodeProto) -> str:
-    return f"{node.op_type} '{node_label(node)}'"
 
 
 def _default(node: NodeProto | None) -> bool:
@@ -58,7 +54,8 @@ class LayoutFold:
         return fold_layout(rw, plan.facts, self)
 
 
-def _single_reader(index: GraphIndex, tensor: str, reader: NodeProto) -> bool:
+def single_reader(index: GraphIndex, tensor: str, reader: NodeProto) -> bool:
+    """``tensor`` is read by ``reader`` alone, once, and is no graph output."""
     uses = index.uses(tensor)
     return len(uses) == 1 and uses[0] is reader and not index.is_graph_output(tensor)
 
@@ -110,7 +107,7 @@ def layout_fold(index: GraphIndex, facts: BNFacts) -> LayoutFold | str:
     name, below = facts.x, facts.node
     node = index.producer.get(name)
     while _default(node) and node.op_type in LAYOUT_OPS and len(layout) < _MAX_LAYOUT:
-        if not _single_reader(index, name, below):
+        if not single_reader(index, name, below):
             return f"output of {_desc(node)} is also read elsewhere"
         layout.insert(0, node)
         name, below = node.input[0], node
@@ -120,7 +117,7 @@ def layout_fold(index: GraphIndex, facts: BNFacts) -> LayoutFold | str:
     chain: list[NodeProto] = []
     while _default(node) and node.op_type in ("Add", "Mul") and len(chain) < _MAX_CHAIN:
         consts = [i for i in node.input if index.is_constant(i)]
-        if len(node.input) != 2 or len(consts) != 1 or not _single_reader(index, name, below):
+        if len(node.input) != 2 or len(consts) != 1 or not single_reader(index, name, below):
             break
         chain.insert(0, node)
         name, below = next(i for i in node.input if i not in consts), node
@@ -132,7 +129,7 @@ def layout_fold(index: GraphIndex, facts: BNFacts) -> LayoutFold | str:
     reason = _weight_reason(index, prod, "producer")
     if reason:
         return reason
-    if prod.output[0] != name or not _single_reader(index, name, below):
+    if prod.output[0] != name or not single_reader(index, name, below):
         return f"producer {_desc(prod)} output is also read elsewhere"
     feat = _feature_axis(index, prod)
     if isinstance(feat, str):

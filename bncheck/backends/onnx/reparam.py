@@ -26,7 +26,15 @@ from dataclasses import dataclass
 import numpy as np
 from onnx import NodeProto
 
-from bncheck.backends.onnx.fold_plan import BNFacts, FoldPlan, bn_facts, bn_reason, fold_plan
+from bncheck.backends.onnx.fold_layout import single_reader
+from bncheck.backends.onnx.fold_plan import (
+    BNFacts,
+    FoldPlan,
+    _desc,
+    bn_facts,
+    bn_reason,
+    fold_plan,
+)
 from bncheck.backends.onnx.graph import GraphIndex, attr, node_label
 from bncheck.backends.onnx.rewrite import Rewrite
 from bncheck.numerics.reparam import merge_branches as merge_kernels
@@ -37,10 +45,6 @@ __all__ = ["BranchMerge", "identity_merge", "merge_branches"]
 
 def _default(node: NodeProto | None, op: str) -> bool:
     return node is not None and node.op_type == op and node.domain in ("", "ai.onnx")
-
-
-def _desc(node: NodeProto) -> str:
-    return f"{node.op_type} '{node_label(node)}'"
 
 
 @dataclass(frozen=True)
@@ -72,16 +76,11 @@ class BranchMerge:
         return None  # carried out by merge_branches, once every branch BN has folded
 
 
-def _single_reader(index: GraphIndex, tensor: str, reader: NodeProto) -> bool:
-    uses = index.uses(tensor)
-    return len(uses) == 1 and uses[0] is reader and not index.is_graph_output(tensor)
-
-
 def _leaf(index: GraphIndex, tensor: str) -> Leaf:
     prod = index.producer.get(tensor)
     if _default(prod, "BatchNormalization") and prod.output[0] == tensor:
         below = index.producer.get(prod.input[0])
-        if _default(below, "Conv") and _single_reader(index, prod.input[0], prod):
+        if _default(below, "Conv") and single_reader(index, prod.input[0], prod):
             return Leaf(tensor, below, prod)
         return Leaf(tensor, None, prod)
     if _default(prod, "Conv") and prod.output[0] == tensor:
@@ -102,7 +101,7 @@ def _tree(index: GraphIndex, root: NodeProto) -> tuple[list[NodeProto], list[Lea
         add = stack.pop()
         for name in add.input:
             prod = index.producer.get(name)
-            if _default(prod, "Add") and len(prod.input) == 2 and _single_reader(index, name, add):
+            if _default(prod, "Add") and len(prod.input) == 2 and single_reader(index, name, add):
                 adds.append(prod)
                 stack.append(prod)
             else:
@@ -140,7 +139,7 @@ def match_group(index: GraphIndex, root: NodeProto, bn_folded: BnCheck) -> Branc
         return f"the branches summed at {_desc(root)} are not convolutions of one input"
     for leaf in leaves:
         reader = next(a for a in adds if leaf.tensor in a.input)
-        if leaf.tensor not in xs and not _single_reader(index, leaf.tensor, reader):
+        if leaf.tensor not in xs and not single_reader(index, leaf.tensor, reader):
             return f"branch output '{leaf.tensor}' is also read elsewhere"
     first = convs[0].conv
     n = len(index.const_shape(first.input[1]) or ()) - 2
