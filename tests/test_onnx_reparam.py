@@ -13,7 +13,7 @@ import json
 import numpy as np
 import onnx
 import pytest
-from onnx import helper
+from onnx import helper, numpy_helper
 from test_onnx_fold import assert_same, bn_inits, bn_node, model_of, w
 
 from bncheck.backends.onnx import reparam
@@ -125,6 +125,38 @@ def test_mobileone_block_with_several_kxk_branches():
     folded, steps = assert_same(model_of(nodes, inits, (2, c, 6, 6)))
     assert ops(folded.model) == ["Conv", "Relu"]
     assert len(steps) == 5 and all(s.into == "producer" for s in steps)
+
+
+def test_constants_in_the_sum_go_into_the_bias():
+    # timm's MobileOne without a scale branch writes ``0 + conv_kxk(x)``, exported as an Add of a
+    # scalar constant; a per-channel (1, C, 1, 1) constant folds the same way
+    c = 4
+    inits = [w("Wa", c, c, 3, 3), w("Wb", c, c, 3, 3), *bn_inits("bna", c), *bn_inits("bnb", c)]
+    inits += [numpy_helper.from_array(np.array(0.5, np.float32), "half"), w("pc", 1, c, 1, 1)]
+    nodes = [
+        conv("conva", "x", "ca", "Wa", k=3),
+        bn_node("bna", "ca", "ba"),
+        helper.make_node("Add", ["ba", "half"], ["s0"], name="add0"),
+        conv("convb", "x", "cb", "Wb", k=3),
+        bn_node("bnb", "cb", "bb"),
+        helper.make_node("Add", ["s0", "bb"], ["s1"], name="add1"),
+        helper.make_node("Add", ["pc", "s1"], ["y"], name="add2"),
+    ]
+    folded, _ = assert_same(model_of(nodes, inits, (2, c, 5, 5)))
+    assert ops(folded.model) == ["Conv"]
+
+
+def test_a_constant_that_broadcasts_over_more_than_channels_stays():
+    c = 4
+    inits = [w("Wa", c, c, 3, 3), w("Wb", c, c, 1, 1), w("big", 1, c, 5, 5)]
+    nodes = [
+        conv("conva", "x", "ca", "Wa", k=3),
+        conv("convb", "x", "cb", "Wb", k=1),
+        helper.make_node("Add", ["ca", "cb"], ["s0"], name="add0"),
+        helper.make_node("Add", ["s0", "big"], ["y"], name="add1"),
+    ]
+    folded, _ = assert_same(model_of(nodes, inits, (2, c, 5, 5)))
+    assert ops(folded.model) == ["Conv", "Add"]  # the two convs merge below the constant
 
 
 def test_bare_identity_and_conv_without_bn_merge():

@@ -9,7 +9,7 @@ the largest kernel's place and writes the sum; the other Convs, the identity BN 
 
 Matched: a tree of ``Add`` nodes (inner sums read once, by the next Add) whose every leaf is a
 Conv on the same input ``x`` (its output read once, optionally through a BN that folds into it),
-a BN on ``x``, or ``x`` itself. All Convs share groups, strides and dilations and have explicit
+a BN on ``x``, ``x`` itself, or a per-channel constant (added to the bias). All Convs share groups, strides and dilations and have explicit
 padding (no ``auto_pad``); every kernel fits the largest with matching padding; identity leaves
 need stride 1, an output the size of the input and as many output channels as input channels.
 
@@ -34,6 +34,7 @@ from bncheck.backends.onnx.fold_plan import (
     bn_facts,
     bn_reason,
     fold_plan,
+    per_channel,
 )
 from bncheck.backends.onnx.graph import GraphIndex, attr, node_label
 from bncheck.backends.onnx.rewrite import Rewrite
@@ -52,6 +53,7 @@ class Leaf:
     tensor: str  # what the Add tree reads
     conv: NodeProto | None  # a Conv branch, else an identity branch
     bn: NodeProto | None  # the BN after the Conv, or the identity BN; None for a bare x
+    const: bool = False  # a constant added to the sum (timm's MobileOne adds a literal 0)
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,7 @@ class BranchMerge:
     offsets: tuple[tuple[int, ...], ...]  # per conv, tap offset inside ``kernel``
     centre: tuple[int, ...] | None  # the identity tap, when there are identity branches
     groups: int
+    consts: tuple[str, ...] = ()  # per-channel constants added to the sum: into the bias
 
     @property
     def target(self) -> str:
@@ -85,7 +88,7 @@ def _leaf(index: GraphIndex, tensor: str) -> Leaf:
         return Leaf(tensor, None, prod)
     if _default(prod, "Conv") and prod.output[0] == tensor:
         return Leaf(tensor, prod, None)
-    return Leaf(tensor, None, None)
+    return Leaf(tensor, None, None, const=index.is_constant(tensor))
 
 
 def _leaf_input(leaf: Leaf) -> str:
@@ -132,6 +135,8 @@ def match_group(index: GraphIndex, root: NodeProto, bn_folded: BnCheck) -> Branc
     if not _default(root, "Add") or len(root.input) != 2:
         return f"{_desc(root)} is not a two-input Add"
     adds, leaves = _tree(index, root)
+    consts = [leaf for leaf in leaves if leaf.const]
+    leaves = [leaf for leaf in leaves if not leaf.const]
     xs = {_leaf_input(leaf) for leaf in leaves}
     convs = [leaf for leaf in leaves if leaf.conv is not None]
     idents = [leaf for leaf in leaves if leaf.conv is None]
@@ -182,6 +187,11 @@ def match_group(index: GraphIndex, root: NodeProto, bn_folded: BnCheck) -> Branc
         if any(o is None for o in off):
             return f"{_desc(leaf.conv)} does not line up with {_desc(host)} (kernel or padding)"
         offsets.append(tuple(off))
+    rank = n + 2
+    cout = index.const_shape(first.input[1])[0]
+    for leaf in consts:
+        if not per_channel(index.const_shape(leaf.tensor) or (), rank, cout):
+            return f"constant '{leaf.tensor}' summed at {_desc(root)} is not per channel"
     centre = None
     if idents:
         cout, cin_g = index.const_shape(host.input[1])[:2]
@@ -201,7 +211,16 @@ def match_group(index: GraphIndex, root: NodeProto, bn_folded: BnCheck) -> Branc
                         why or f"identity BN '{node_label(leaf.bn)}' has {facts.channels} channels"
                     )
     return BranchMerge(
-        root, tuple(adds), tuple(convs), tuple(idents), host, kernel, tuple(offsets), centre, groups
+        root,
+        tuple(adds),
+        tuple(convs),
+        tuple(idents),
+        host,
+        kernel,
+        tuple(offsets),
+        centre,
+        groups,
+        tuple(leaf.tensor for leaf in consts),
     )
 
 
@@ -270,6 +289,8 @@ def _apply(rw: Rewrite, m: BranchMerge) -> str | None:
             return st
         idents.append(st)
     w, b = merge_kernels(convs, idents, kernel=m.kernel, groups=m.groups, centre=m.centre)
+    for name in m.consts:
+        b = b + np.broadcast_to(rw.index.const(name).astype(np.float64).reshape(-1), b.shape)
     host = _load_params(rw, m.host)
     problem = _overflows((w, b), (host.dtype, host.bias_dtype), "merged kernel")
     if problem:
