@@ -159,6 +159,29 @@ def test_a_constant_that_broadcasts_over_more_than_channels_stays():
     assert ops(folded.model) == ["Conv", "Add"]  # the two convs merge below the constant
 
 
+def test_fastvit_repmixer_signed_weighted_sum():
+    """FastViT's RepMixer: ``x + γ·(mixer(x) − norm(x))`` with mixer = DWConv+BN + BN(x) and
+    norm = BN(x) + 0, γ of shape (C, 1, 1): one depthwise Conv, as timm's reparameterize gives."""
+    c = 4
+    inits = [w("Wd", c, 1, 3, 3), *bn_inits("bnd", c), *bn_inits("bnm", c), *bn_inits("bnn", c)]
+    inits += [w("gamma", c, 1, 1), numpy_helper.from_array(np.array(0.0, np.float32), "zero")]
+    nodes = [
+        conv("dw", "x", "cd", "Wd", k=3, group=c),
+        bn_node("bnd", "cd", "bd"),
+        bn_node("bnm", "x", "bm"),
+        helper.make_node("Add", ["bd", "bm"], ["mixer"], name="mix_add"),
+        bn_node("bnn", "x", "bn_"),
+        helper.make_node("Add", ["bn_", "zero"], ["norm"], name="norm_add"),
+        helper.make_node("Sub", ["mixer", "norm"], ["diff"], name="sub"),
+        helper.make_node("Mul", ["diff", "gamma"], ["scaled"], name="layer_scale"),
+        helper.make_node("Add", ["x", "scaled"], ["y"], name="residual"),
+    ]
+    folded, steps = assert_same(model_of(nodes, inits, (2, c, 6, 6)))
+    assert ops(folded.model) == ["Conv"]
+    assert [s.into for s in steps] == ["producer"] * 3
+    assert steps[2].target == "dw (branches merged at Add 'residual')"
+
+
 def test_bare_identity_and_conv_without_bn_merge():
     # FastViT's RepCPE: x + DWConv(x) (bias, no BN) becomes one conv
     inits = [w("W", 4, 1, 3, 3), w("B", 4)]

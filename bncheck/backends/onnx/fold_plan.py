@@ -373,7 +373,7 @@ def _further(
     if immediate is not None and immediate.op_type in LAYOUT_OPS:
         return layout_fold(index, facts)
     uses = index.uses(facts.y)
-    if cons is None and len(uses) == 1 and uses[0].op_type == "Add":
+    if cons is None and len(uses) == 1 and uses[0].op_type in ("Add", "Sub", "Mul"):
         return identity_merge(index, facts)
     return ""
 

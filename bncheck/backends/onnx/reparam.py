@@ -7,9 +7,15 @@ largest at the tap where its window lines up, and an identity branch ``BN(x) = s
 bare ``x``) is a kernel with ``s[o]`` at the centre tap of channel ``o``. The merged Conv takes
 the largest kernel's place and writes the sum; the other Convs, the identity BN and the Adds go.
 
-Matched: a tree of ``Add`` nodes (inner sums read once, by the next Add) whose every leaf is a
-Conv on the same input ``x`` (its output read once, optionally through a BN that folds into it),
-a BN on ``x``, ``x`` itself, or a per-channel constant (added to the bias). All Convs share groups, strides and dilations and have explicit
+More generally the sum may be a signed, per-channel weighted one, ``Σ kᵢ·branchᵢ``: a ``Sub``
+negates its second operand and a ``Mul`` by a per-channel constant scales what it reads
+(FastViT's RepMixer is ``x + γ·(mixer(x) − norm(x))``); ``kᵢ·Conv(x)`` is a Conv with its output
+channels scaled, ``kᵢ·(s·x + t)`` an identity with scale ``kᵢ·s`` and shift ``kᵢ·t``.
+
+Matched: a tree of Add/Sub nodes and Muls by per-channel constants (inner results read once,
+by the next node) whose every leaf is a Conv on the same input ``x`` (its output read once,
+optionally through a BN that folds into it), a BN on ``x``, ``x`` itself, or a per-channel
+constant (added to the bias). All Convs share groups, strides and dilations and have explicit
 padding (no ``auto_pad``); every kernel fits the largest with matching padding; identity leaves
 need stride 1, an output the size of the input and as many output channels as input channels.
 
@@ -38,6 +44,7 @@ from bncheck.backends.onnx.fold_plan import (
 )
 from bncheck.backends.onnx.graph import GraphIndex, attr, node_label
 from bncheck.backends.onnx.rewrite import Rewrite
+from bncheck.numerics import fold_into_producer
 from bncheck.numerics.reparam import merge_branches as merge_kernels
 from bncheck.numerics.reparam import tap_offset
 
@@ -54,6 +61,7 @@ class Leaf:
     conv: NodeProto | None  # a Conv branch, else an identity branch
     bn: NodeProto | None  # the BN after the Conv, or the identity BN; None for a bare x
     const: bool = False  # a constant added to the sum (timm's MobileOne adds a literal 0)
+    coef: np.ndarray | None = None  # per-channel factor from Sub and Mul on the way; None = 1
 
 
 @dataclass(frozen=True)
@@ -69,11 +77,11 @@ class BranchMerge:
     offsets: tuple[tuple[int, ...], ...]  # per conv, tap offset inside ``kernel``
     centre: tuple[int, ...] | None  # the identity tap, when there are identity branches
     groups: int
-    consts: tuple[str, ...] = ()  # per-channel constants added to the sum: into the bias
+    consts: tuple[Leaf, ...] = ()  # per-channel constants added to the sum: into the bias
 
     @property
     def target(self) -> str:
-        return f"{node_label(self.host)} (branches merged at Add '{node_label(self.root)}')"
+        return f"{node_label(self.host)} (branches merged at {_desc(self.root)})"
 
     def fold(self, rw: Rewrite, plan: FoldPlan) -> str | None:
         return None  # carried out by merge_branches, once every branch BN has folded
@@ -97,19 +105,47 @@ def _leaf_input(leaf: Leaf) -> str:
     return leaf.bn.input[0] if leaf.bn is not None else leaf.tensor
 
 
+def _combiner(node: NodeProto | None) -> bool:
+    return (_default(node, "Add") or _default(node, "Sub")) and len(node.input) == 2
+
+
+def _scale(index: GraphIndex, node: NodeProto | None) -> tuple[str, np.ndarray] | None:
+    """``(variable input, factor)`` of a Mul by a constant that broadcasts along axis 1 only."""
+    if not _default(node, "Mul") or len(node.input) != 2:
+        return None
+    consts = [i for i in node.input if index.is_constant(i)]
+    if len(consts) != 1:
+        return None
+    shape = index.const_shape(consts[0]) or ()
+    if not per_channel(shape, index.rank(node.output[0]), max(shape, default=1)):
+        return None
+    var = next(i for i in node.input if i != consts[0])
+    return var, index.const(consts[0]).astype(np.float64).reshape(-1)
+
+
 def _tree(index: GraphIndex, root: NodeProto) -> tuple[list[NodeProto], list[Leaf]]:
-    adds, leaves = [root], []
-    stack = [root]
+    """The Add/Sub nodes (and Muls by per-channel constants) of the sum at ``root``, each read
+    once by the next, and its leaves with their factors: ``root = Σ coefᵢ·leafᵢ``."""
+    inner, leaves = [root], []
+    stack: list[tuple[NodeProto, np.ndarray | None]] = [(root, None)]
     while stack:
-        add = stack.pop()
-        for name in add.input:
+        node, k = stack.pop()
+        if node.op_type == "Mul":
+            var, c = _scale(index, node)
+            items = [(var, c if k is None else k * c)]
+        else:
+            neg = -np.ones(1) if k is None else -k
+            items = [(node.input[0], k), (node.input[1], neg if node.op_type == "Sub" else k)]
+        for name, kk in items:
             prod = index.producer.get(name)
-            if _default(prod, "Add") and len(prod.input) == 2 and single_reader(index, name, add):
-                adds.append(prod)
-                stack.append(prod)
+            inside = _combiner(prod) or _scale(index, prod) is not None
+            if inside and prod.output[0] == name and single_reader(index, name, node):
+                inner.append(prod)
+                stack.append((prod, kk))
             else:
-                leaves.append(_leaf(index, name))
-    return adds, leaves
+                leaf = _leaf(index, name)
+                leaves.append(Leaf(leaf.tensor, leaf.conv, leaf.bn, leaf.const, kk))
+    return inner, leaves
 
 
 def _ints(node: NodeProto, name: str, n: int, fill: int) -> tuple[int, ...]:
@@ -132,8 +168,8 @@ def _planned(index: GraphIndex) -> BnCheck:
 
 def match_group(index: GraphIndex, root: NodeProto, bn_folded: BnCheck) -> BranchMerge | str:
     """The branches summed at ``root`` as one mergeable group, or why they are not."""
-    if not _default(root, "Add") or len(root.input) != 2:
-        return f"{_desc(root)} is not a two-input Add"
+    if not _combiner(root):
+        return f"{_desc(root)} is not a two-input Add or Sub"
     adds, leaves = _tree(index, root)
     consts = [leaf for leaf in leaves if leaf.const]
     leaves = [leaf for leaf in leaves if not leaf.const]
@@ -192,6 +228,9 @@ def match_group(index: GraphIndex, root: NodeProto, bn_folded: BnCheck) -> Branc
     for leaf in consts:
         if not per_channel(index.const_shape(leaf.tensor) or (), rank, cout):
             return f"constant '{leaf.tensor}' summed at {_desc(root)} is not per channel"
+    for leaf in (*leaves, *consts):
+        if leaf.coef is not None and leaf.coef.size not in (1, cout):
+            return f"a factor in the sum at {_desc(root)} is not per channel"
     centre = None
     if idents:
         cout, cin_g = index.const_shape(host.input[1])[:2]
@@ -220,23 +259,30 @@ def match_group(index: GraphIndex, root: NodeProto, bn_folded: BnCheck) -> Branc
         tuple(offsets),
         centre,
         groups,
-        tuple(leaf.tensor for leaf in consts),
+        tuple(consts),
     )
 
 
-def _parent(index: GraphIndex, add: NodeProto) -> NodeProto | None:
-    """The Add that reads ``add``'s output as an inner sum, if any."""
-    uses = index.uses(add.output[0])
-    if len(uses) == 1 and _default(uses[0], "Add") and len(uses[0].input) == 2:
-        return None if index.is_graph_output(add.output[0]) else uses[0]
-    return None
+def _up(index: GraphIndex, node: NodeProto) -> NodeProto | None:
+    """The Add/Sub that takes ``node``'s output into its sum (through Muls by per-channel
+    constants, each read once), if any."""
+    while True:
+        out = node.output[0]
+        uses = index.uses(out)
+        if len(uses) != 1 or index.is_graph_output(out):
+            return None
+        node = uses[0]
+        if _combiner(node):
+            return node
+        if _scale(index, node) is None:
+            return None
 
 
 def _root(index: GraphIndex, add: NodeProto, bn_folded: BnCheck) -> BranchMerge | str:
     """The largest matching Add tree at or above ``add``, or why ``add``'s does not match.
     (A tree that fails holds a leaf or a Conv that fails, so every tree above it fails too.)"""
     chain = [add]
-    while (parent := _parent(index, chain[-1])) is not None:
+    while (parent := _up(index, chain[-1])) is not None:
         chain.append(parent)
     results = [match_group(index, a, bn_folded) for a in chain]
     return next((r for r in reversed(results) if not isinstance(r, str)), results[0])
@@ -247,7 +293,9 @@ def identity_merge(index: GraphIndex, facts: BNFacts) -> BranchMerge | str:
     leaf = _leaf(index, facts.y)
     if leaf.conv is not None or leaf.bn is not facts.node:
         return "output feeds an Add"
-    add = index.uses(facts.y)[0]
+    add = _up(index, facts.node)
+    if add is None:
+        return "output feeds no sum"
     found = _root(index, add, _planned(index))
     if isinstance(found, str):
         return f"no branch merge: {found}"
@@ -271,26 +319,34 @@ def _apply(rw: Rewrite, m: BranchMerge) -> str | None:
         if leaf.bn is None and rw.position(leaf.conv) in rw.remove:
             return f"{_desc(leaf.conv)} was rewritten"
     convs, idents = [], []
+    c = int(rw.index.const_shape(m.host.input[1])[0])
+
+    def coef(leaf: Leaf) -> np.ndarray:
+        return np.ones(c) if leaf.coef is None else np.broadcast_to(leaf.coef, (c,))
+
     for leaf, off in zip(m.convs, m.offsets, strict=True):
         params = _load_params(rw, leaf.conv)
         if isinstance(params, str):
             return params
-        convs.append((params.weight, params.bias, off))
+        k = coef(leaf)  # k·Conv(x) is a Conv with its output channels scaled
+        w, b = fold_into_producer(
+            params.weight, params.bias, k, np.zeros(c), op="conv", groups=params.groups
+        )
+        convs.append((w, b, off))
     for leaf in m.identities:
-        if leaf.bn is None:
-            c = int(convs[0][0].shape[0])
-            idents.append((np.ones(c), np.zeros(c)))
-            continue
-        p = rw.position(leaf.bn)
-        if p in rw.remove or p in rw.affine:
-            return f"identity BN '{node_label(leaf.bn)}' was rewritten"
-        st = _bn_affine(bn_facts(rw.index, leaf.bn))
-        if isinstance(st, str):
-            return st
-        idents.append(st)
+        st = (np.ones(c), np.zeros(c))
+        if leaf.bn is not None:
+            p = rw.position(leaf.bn)
+            if p in rw.remove or p in rw.affine:
+                return f"identity BN '{node_label(leaf.bn)}' was rewritten"
+            st = _bn_affine(bn_facts(rw.index, leaf.bn))
+            if isinstance(st, str):
+                return st
+        idents.append((coef(leaf) * st[0], coef(leaf) * st[1]))
     w, b = merge_kernels(convs, idents, kernel=m.kernel, groups=m.groups, centre=m.centre)
-    for name in m.consts:
-        b = b + np.broadcast_to(rw.index.const(name).astype(np.float64).reshape(-1), b.shape)
+    for leaf in m.consts:
+        value = rw.index.const(leaf.tensor).astype(np.float64).reshape(-1)
+        b = b + coef(leaf) * np.broadcast_to(value, (c,))
     host = _load_params(rw, m.host)
     problem = _overflows((w, b), (host.dtype, host.bias_dtype), "merged kernel")
     if problem:
@@ -311,9 +367,9 @@ def merge_branches(rw: Rewrite) -> list[tuple[NodeProto, str]]:
     executed, planned = _executed(rw), _planned(index)
     failed: list[tuple[NodeProto, str]] = []
     for add in index.model.graph.node:
-        if not _default(add, "Add") or rw.position(add) in rw.remove:
+        if not _combiner(add) or rw.position(add) in rw.remove:
             continue
-        parent = _parent(index, add)
+        parent = _up(index, add)
         if parent is not None and not isinstance(match_group(index, parent, planned), str):
             continue  # an inner sum: its root merges it
         m = match_group(index, add, planned)
