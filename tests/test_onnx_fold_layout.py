@@ -157,3 +157,25 @@ def test_fp16_matmul_layout_fold():
     ]
     handle = model_of(nodes, inits, (2, 5, 6), dtype=TensorProto.FLOAT16)
     assert_same(handle, rtol=1e-2, atol=1e-3, dtype=np.float16)
+
+
+@pytest.mark.parametrize("tap", [False, True])
+def test_bn_identity_linear_head_folds_into_the_consumer(tap):
+    # LeViT's head as exported: ReduceMean → BatchNorm1d → Identity (dropout) → MatMul(Wᵀ)
+    inits = [*bn_inits("bn", 6), w("W", 4, 6), w("B", 4), ints("ax", [2])]
+    nodes = [
+        helper.make_node("ReduceMean", ["x", "ax"], ["m"], name="pool", keepdims=0),
+        bn_node("bn", "m", "b"),
+        helper.make_node("Identity", ["b"], ["d"], name="dropout"),
+        helper.make_node("Transpose", ["W"], ["Wt"], name="wt", perm=[1, 0]),
+        helper.make_node("MatMul", ["d", "Wt"], ["mm"], name="head"),
+        helper.make_node("Add", ["mm", "B"], ["y"], name="head_bias"),
+    ]
+    outputs = ("y", "d") if tap else ("y",)
+    handle = model_of(nodes, inits, (2, 6, 5), outputs=outputs, opset=18)
+    folded, steps = assert_same(handle, bn_left=int(tap))
+    if tap:  # the Identity's output is also a graph output: the BN stays, with the reason
+        assert steps[0].into is None and "through Identity" in steps[0].reason
+    else:
+        assert (steps[0].into, steps[0].target) == ("consumer", "head")
+        assert "Identity" not in [n.op_type for n in folded.model.graph.node]

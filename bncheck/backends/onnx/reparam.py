@@ -178,6 +178,8 @@ def match_group(index: GraphIndex, root: NodeProto, bn_folded: BnCheck) -> Branc
     idents = [leaf for leaf in leaves if leaf.conv is None]
     if len(xs) != 1 or not convs:
         return f"the branches summed at {_desc(root)} are not convolutions of one input"
+    if len(leaves) < 2:  # one Conv and constants: a decomposed BN or bias, folded as such
+        return f"{_desc(root)} sums a single branch"
     for leaf in leaves:
         reader = next(a for a in adds if leaf.tensor in a.input)
         if leaf.tensor not in xs and not single_reader(index, leaf.tensor, reader):
