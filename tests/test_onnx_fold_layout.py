@@ -179,3 +179,19 @@ def test_bn_identity_linear_head_folds_into_the_consumer(tap):
     else:
         assert (steps[0].into, steps[0].target) == ("consumer", "head")
         assert "Identity" not in [n.op_type for n in folded.model.graph.node]
+
+
+def test_reshape_to_a_runtime_shape_is_not_proven():
+    # the target shape is computed from x at run time: shape inference cannot name the dims
+    inits = [w("W", 6, 8), *bn_inits("bn", 8), ints("tail", [8, -1])]
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["mm"], name="linear"),
+        helper.make_node("Shape", ["x"], ["sx"], name="shape", end=1),
+        helper.make_node("Concat", ["sx", "tail"], ["target"], name="target", axis=0),
+        helper.make_node("Reshape", ["mm", "target"], ["r"], name="dyn"),
+        bn_node("bn", "r", "y"),
+    ]
+    handle = model_of(nodes, inits, ("batch", 5, 6))
+    _, steps = assert_same(handle, bn_left=1)  # (b, 5, 8) → (b, 8, 5) mixes them, in fact
+    assert steps[0].into is None
+    assert "Reshape 'dyn' is not proven to keep the feature axis" in steps[0].reason
