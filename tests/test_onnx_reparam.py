@@ -13,7 +13,7 @@ import json
 import numpy as np
 import onnx
 import pytest
-from onnx import helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 from test_onnx_fold import assert_same, bn_inits, bn_node, model_of, w
 
 from bncheck.backends.onnx import reparam
@@ -27,10 +27,11 @@ def conv(name, x, y, wname, *, k, group=1, stride=1, pad=None, bias=None):
     )
 
 
-def repvgg(c=4, *, group=1, stride=1, identity=True, pad1=0, relu=True):
+def repvgg(c=4, *, group=1, stride=1, identity=True, pad1=0, relu=True, dtype=np.float32):
     """x → Relu → {3×3+BN, 1×1+BN, BN} → Add → Add → Relu → y (RepVGG's training block)."""
     cg = c // group
-    inits = [w("W3", c, cg, 3, 3), w("W1", c, cg, 1, 1), *bn_inits("bn3", c), *bn_inits("bn1", c)]
+    inits = [w("W3", c, cg, 3, 3, dtype=dtype), w("W1", c, cg, 1, 1, dtype=dtype)]
+    inits += [*bn_inits("bn3", c, dtype), *bn_inits("bn1", c, dtype)]
     nodes = [
         helper.make_node("Relu", ["x"], ["h"], name="relu_in"),
         conv("conv3", "h", "c3", "W3", k=3, group=group, stride=stride),
@@ -41,14 +42,15 @@ def repvgg(c=4, *, group=1, stride=1, identity=True, pad1=0, relu=True):
     ]
     last = "s"
     if identity:
-        inits += bn_inits("bnid", c)
+        inits += bn_inits("bnid", c, dtype)
         nodes += [
             bn_node("bnid", "h", "bi"),
             helper.make_node("Add", ["s", "bi"], ["t"], name="add_id"),
         ]
         last = "t"
     nodes.append(helper.make_node("Relu" if relu else "Identity", [last], ["y"], name="relu_out"))
-    return model_of(nodes, inits, (2, c, 7, 7))
+    elem = TensorProto.FLOAT16 if dtype == np.float16 else TensorProto.FLOAT
+    return model_of(nodes, inits, (2, c, 7, 7), dtype=elem)
 
 
 def ops(model: onnx.ModelProto) -> list[str]:
@@ -68,6 +70,13 @@ def test_repvgg_block_becomes_one_conv(group):
     conv_node = folded.model.graph.node[1]
     wt = next(t for t in folded.model.graph.initializer if t.name == conv_node.input[1])
     assert list(wt.dims) == [4, 4 // group, 3, 3] and len(conv_node.input) == 3
+
+
+def test_fp16_repvgg_block():
+    # fp16 keeps 11 bits: the merged kernel is rounded once (test_onnx_fold's fp16 bound)
+    folded, _ = assert_same(repvgg(dtype=np.float16), rtol=1e-2, atol=1e-3, dtype=np.float16)
+    assert ops(folded.model) == ["Relu", "Conv", "Relu"]
+    assert {t.data_type for t in folded.model.graph.initializer} == {TensorProto.FLOAT16}
 
 
 def test_repvgg_merge_matches_a_float64_reference():
