@@ -351,7 +351,9 @@ def fold_plan(index: GraphIndex, bn: NodeProto, facts: BNFacts | None = None) ->
     if c_reason is None and cons is not None:
         decision = FoldDecision("consumer", node_label(cons))
         return FoldPlan(decision, bn, facts, None, (), cons, immediate)
-    via = _further(index, facts, immediate, cons)
+    from bncheck.backends.onnx.fold_beyond import further  # it imports this module
+
+    via = further(index, facts, immediate, cons)
     if isinstance(via, FoldPlan):
         return via
     if not isinstance(via, str):
@@ -361,43 +363,6 @@ def fold_plan(index: GraphIndex, bn: NodeProto, facts: BNFacts | None = None) ->
         p_reason = f"{p_reason} ({via})"
     decision = FoldDecision(None, None, f"{p_reason}; {c_reason}")
     return FoldPlan(decision, bn, facts, prod, chain, cons, immediate)
-
-
-def _further(
-    index: GraphIndex, facts: BNFacts, immediate: NodeProto | None, cons: NodeProto | None
-) -> object:
-    """The rewrites beyond a neighbour fold, tried when both neighbours refuse: through
-    layout ops (``fold_layout.py``), into a consumer behind ``Identity`` nodes (a plain consumer
-    fold; the Identity goes with the BN), or as an identity branch of summed convolutions
-    (``reparam.py``). Returns the rewrite or consumer plan, why it does not apply, or "" when
-    none is near."""
-    from bncheck.backends.onnx.fold_layout import LAYOUT_OPS, layout_fold  # they import us
-    from bncheck.backends.onnx.reparam import identity_merge
-
-    why = ""
-    if immediate is not None and immediate.op_type in LAYOUT_OPS:
-        why = layout_fold(index, facts)
-        if not isinstance(why, str):
-            return why
-    uses = index.uses(facts.y)
-    through = facts
-    while len(uses) == 1 and _is_default_domain(uses[0]) and uses[0].op_type == "Identity":
-        if index.is_graph_output(through.y) or len(uses[0].output) != 1:
-            break
-        through = dataclasses.replace(through, y=uses[0].output[0])
-        uses = index.uses(through.y)
-    if through is not facts:  # exported dropout and clone: BN → Identity → Linear
-        cons2, c_reason = _consumer_reason(index, through)
-        if c_reason is None and cons2 is not None:
-            decision = FoldDecision("consumer", node_label(cons2))
-            return FoldPlan(decision, facts.node, through, None, (), cons2, immediate)
-        return why or f"through Identity: {c_reason}"
-    if why:
-        return why
-    uses = index.uses(facts.y)
-    if cons is None and len(uses) == 1 and uses[0].op_type in ("Add", "Sub", "Mul"):
-        return identity_merge(index, facts)
-    return ""
 
 
 def plan_fold(index: GraphIndex, bn: NodeProto) -> FoldDecision:
