@@ -27,6 +27,7 @@ from onnx import ModelProto, NodeProto, helper
 from bncheck.backends.onnx.fold_plan import BNFacts, FoldPlan, bn_facts, bn_reason, fold_plan
 from bncheck.backends.onnx.fold_plan import per_channel as _per_channel
 from bncheck.backends.onnx.graph import GraphIndex, attr, node_label, opset_version
+from bncheck.backends.onnx.reparam import merge_branches
 from bncheck.backends.onnx.rewrite import Params, Rewrite, emit_model
 from bncheck.layers import FoldStep
 from bncheck.numerics import bn_scale_shift, cast_checked, fold_into_consumer, fold_into_producer
@@ -117,6 +118,8 @@ def _chain_affine(
 
 
 def _fold_producer(rw: Rewrite, plan: FoldPlan) -> str | None:
+    if plan.via is not None:  # through layout ops, or a branch merge (fold_layout, reparam)
+        return plan.via.fold(rw, plan)
     facts, prod = plan.facts, plan.producer
     params = _load_params(rw, prod)
     if isinstance(params, str):
@@ -303,5 +306,9 @@ def fold_model(index: GraphIndex, *, affine: bool = False) -> tuple[ModelProto, 
             if why_not not in problem:
                 problem = f"{problem}; not made affine: {why_not}"
             steps.append(FoldStep(name, None, None, problem))
+    for bn, why in merge_branches(rw):  # summed branches → one Conv; identity BNs left out:
+        i = next(k for k, st in enumerate(steps) if st.layer == node_label(bn))
+        made_affine = affine and _to_affine(rw, bn_facts(index, bn)) is None
+        steps[i] = FoldStep(steps[i].layer, "affine" if made_affine else None, None, why)
     steps += _decomposed(rw, model)
     return emit_model(rw, model), steps

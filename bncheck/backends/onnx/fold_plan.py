@@ -12,6 +12,7 @@ and :mod:`bncheck.backends.onnx.fold` carries them out, so both always agree.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -130,6 +131,8 @@ class FoldPlan:
     producer: NodeProto | None  # the weighted producer, reached through ``chain``
     chain: tuple[NodeProto, ...]
     consumer: NodeProto | None  # the weighted consumer, when one was considered
+    # a fold_layout.LayoutFold or reparam.BranchMerge: a producer fold it carries out itself
+    via: object = dataclasses.field(default=None, kw_only=True)
     source: NodeProto | None = None  # the node directly producing the BN input
 
 
@@ -348,6 +351,16 @@ def fold_plan(index: GraphIndex, bn: NodeProto, facts: BNFacts | None = None) ->
     if c_reason is None and cons is not None:
         decision = FoldDecision("consumer", node_label(cons))
         return FoldPlan(decision, bn, facts, None, (), cons, immediate)
+    from bncheck.backends.onnx.fold_beyond import further  # it imports this module
+
+    via = further(index, facts, immediate, cons)
+    if isinstance(via, FoldPlan):
+        return via
+    if not isinstance(via, str):
+        decision = FoldDecision("producer", via.target)
+        return FoldPlan(decision, bn, facts, None, (), None, immediate, via=via)
+    if via:
+        p_reason = f"{p_reason} ({via})"
     decision = FoldDecision(None, None, f"{p_reason}; {c_reason}")
     return FoldPlan(decision, bn, facts, prod, chain, cons, immediate)
 

@@ -38,6 +38,7 @@ Dims = tuple[int | str | None, ...]
 # Pure, cheap ops whose outputs count as constants when their inputs are (GraphIndex._fold).
 _FOLD_OPS = frozenset(
     {"Identity", "Cast", "CastLike", "Shape", "Expand", "Reshape", "Unsqueeze", "Squeeze"}
+    | {"Transpose"}  # torch.onnx writes Linear as MatMul(x, Transpose(W))
 )
 _FOLD_MAX_ELEMENTS = 1 << 22
 
@@ -414,6 +415,9 @@ class GraphIndex:
             return None
         if op == "Identity":
             return x
+        if op == "Transpose":
+            perm = attr(node, "perm", None)
+            return np.transpose(x, None if perm is None else [int(p) for p in perm])
         if op == "Cast":
             return x.astype(onnx.helper.tensor_dtype_to_np_dtype(attr(node, "to")))
         if op == "CastLike":

@@ -81,6 +81,7 @@ def emit_model(rw: Rewrite, src: ModelProto) -> ModelProto:
     names_before = {o for n in nodes for o in n.output} | {t.name for t in g.initializer}
     graph_inputs = {i.name for i in g.input}
     taken = names_before | graph_inputs | {o.name for o in g.output}
+    taken |= {n.name for n in nodes if n.name}  # new node names must not repeat one either
     inits = {t.name: t for t in g.initializer}
     new_inits: list[onnx.TensorProto] = []
 
@@ -115,7 +116,9 @@ def emit_model(rw: Rewrite, src: ModelProto) -> ModelProto:
                 final_out, node.output[0] = node.output[0], mm_out
                 bias = cast_checked(params.bias, params.dtype)[0]
                 new_inits.append(numpy_helper.from_array(bias, b_name))
-                add = helper.make_node("Add", [mm_out, b_name], [final_out], name=f"{label}_bias")
+                add = helper.make_node(
+                    "Add", [mm_out, b_name], [final_out], name=_unique(f"{label}_bias", taken)
+                )
                 out_nodes += [node, add]
                 continue
             if node.op_type != "MatMul" and params.bias is not None:
@@ -153,8 +156,12 @@ def _affine_nodes(
     new_inits.append(numpy_helper.from_array(cast_checked(s, dtype)[0].reshape(shape), s_name))
     new_inits.append(numpy_helper.from_array(cast_checked(t, dtype)[0].reshape(shape), t_name))
     return [
-        helper.make_node("Mul", [bn.input[0], s_name], [mid], name=f"{label}_scale"),
-        helper.make_node("Add", [mid, t_name], [bn.output[0]], name=f"{label}_shift"),
+        helper.make_node(
+            "Mul", [bn.input[0], s_name], [mid], name=_unique(f"{label}_scale", taken)
+        ),
+        helper.make_node(
+            "Add", [mid, t_name], [bn.output[0]], name=_unique(f"{label}_shift", taken)
+        ),
     ]
 
 
