@@ -397,3 +397,18 @@ def _match_names(path: Path, have: Mapping[str, Any], names: list[str], notes: l
 
 def _raise(message: str) -> Any:
     raise InputError(message)
+
+
+def sample_shapes(
+    path: str | os.PathLike[str],
+    names: Sequence[str],
+    *,
+    image_options: ImageOptions | None = None,
+) -> dict[str, tuple[int, ...]]:
+    """The per-sample shape (batch dim excluded) the data at ``path`` holds for each of the
+    model inputs ``names``, read from headers (images: the first one decoded), for a model
+    that has no input shape of its own yet. Raises InputError as :func:`open_data` does."""
+    p = Path(path)
+    specs = [TensorSpec(name, (), "float32") for name in names]
+    columns = _open_columns(p, sniff_data(p), specs, image_options, [])
+    return {name: tuple(col.sample_shape) for name, col in columns.items()}

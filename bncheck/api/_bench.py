@@ -194,7 +194,7 @@ def bench(
         device, threads, batch_sizes, time_budget_s, rounds, warmup, replicates, vs, fail_if_slower
     )
     shapes = dict(input_shapes) if input_shapes else None
-    handle = as_handle(model, input_shapes=shapes, **open_options)
+    handle = as_handle(model, data=data, input_shapes=shapes, **open_options)
     other = None if vs is None else as_handle(vs, input_shapes=shapes, **open_options)
     for h in (handle, other):
         if h is not None:

@@ -50,7 +50,11 @@ class OptimizeResult:
 
 
 def _recalibrate(
-    handle: ModelHandle, data: str | os.PathLike[str], batch_size: int, notes: list[str]
+    handle: ModelHandle,
+    data: str | os.PathLike[str],
+    batch_size: int,
+    notes: list[str],
+    input_shapes: dict[str, tuple[int, ...]] | None,
 ) -> tuple[Any | None, ModelHandle]:
     from bncheck import api
 
@@ -64,7 +68,7 @@ def _recalibrate(
     ):
         notes.append("recalibration skipped: no BN layer has running statistics")
         return None, handle
-    result = recalibrate(handle, None, data=data, batch_size=batch_size)
+    result = recalibrate(handle, None, data=data, batch_size=batch_size, input_shapes=input_shapes)
     return result, result.handle
 
 
@@ -95,9 +99,11 @@ def optimize(
     verified on ``data`` (or seeded random input): nothing is written when verification
     fails, and the later stages are skipped; 4. ``bench`` the input against the written model
     on the same engine (interleaved, ratio with its 95% CI); 5. ``inspect`` the written model
-    for the findings that remain.
+    for the findings that remain. ``open_options`` (``input_shapes``, ``dynamic_dims``, …)
+    reach every step.
     """
-    handle = as_handle(model, **open_options)
+    handle = as_handle(model, data=data, **open_options)
+    shapes = open_options.get("input_shapes")
     out = check_output_path(handle, output, in_place=in_place, allowed=_allowed_suffixes(handle))
     assert out is not None
     if run_bench:
@@ -107,16 +113,19 @@ def optimize(
     recal = None
     work = handle
     if data is not None:
-        recal, work = _recalibrate(handle, data, calib_batch_size, notes)
+        recal, work = _recalibrate(handle, data, calib_batch_size, notes, shapes)
     else:
         notes.append("recalibration skipped: no --data")
-    folded = fold(work, out, data=data, verify=verify, affine=affine, in_place=in_place)
+    folded = fold(
+        work, out, data=data, verify=verify, affine=affine, in_place=in_place, input_shapes=shapes
+    )
     result = OptimizeResult(before=before, fold=folded, recalibration=recal, notes=notes)
     if not folded.passed or folded.output is None:
         notes.append("nothing written: the folded model does not compute the same outputs")
         return result
     result.output = folded.output
-    shapes = open_options.get("input_shapes")
+    # A file written with dynamic dims is timed at the shape the model was traced with.
+    shapes = shapes or getattr(handle, "example_shapes", None)
     written = open_model(folded.output, input_shapes=shapes)
     result.after = inspect(written, select=select, ignore=ignore)
     if not run_bench:

@@ -10,6 +10,7 @@ import typer
 from bncheck.cli import (
     ArchKwargsOpt,
     ArchOpt,
+    CheckpointKeyOpt,
     FailOnOpt,
     FormatOpt,
     IgnoreOpt,
@@ -40,6 +41,7 @@ def inspect(
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
     trust_pickle: TrustOpt = False,
+    checkpoint_key: CheckpointKeyOpt = None,
     input_shape: ShapeOpt = None,
     verbose: VerboseOpt = False,
     quiet: QuietOpt = False,
@@ -49,8 +51,9 @@ def inspect(
     from bncheck.report import inspect as rep
 
     opts = common(
-        fmt, fail_on, select, ignore, arch, arch_kwargs, trust_pickle, input_shape, verbose, quiet
-    )
+        fmt, fail_on, select, ignore, arch, arch_kwargs, trust_pickle, input_shape, verbose, quiet,
+        checkpoint_key=checkpoint_key,
+    )  # fmt: skip
     result = api.inspect(model, select=opts.select, ignore=opts.ignore, **opts.open_options)
     render(rep, result, opts, verbose=opts.verbose)
     raise typer.Exit(exit_code_for(result.findings, opts.fail_on))

@@ -11,6 +11,8 @@ import typer
 from bncheck.cli import (
     ArchKwargsOpt,
     ArchOpt,
+    CheckpointKeyOpt,
+    DynamicDimsOpt,
     FailOnOpt,
     FormatOpt,
     IgnoreOpt,
@@ -71,6 +73,8 @@ def optimize(
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
     trust_pickle: TrustOpt = False,
+    checkpoint_key: CheckpointKeyOpt = None,
+    dynamic_dims: DynamicDimsOpt = None,
     input_shape: ShapeOpt = None,
     verbose: VerboseOpt = False,
     quiet: QuietOpt = False,
@@ -84,8 +88,9 @@ def optimize(
     from bncheck.report import optimize as rep
 
     opts = common(
-        fmt, fail_on, select, ignore, arch, arch_kwargs, trust_pickle, input_shape, verbose, quiet
-    )
+        fmt, fail_on, select, ignore, arch, arch_kwargs, trust_pickle, input_shape, verbose, quiet,
+        checkpoint_key=checkpoint_key, dynamic_dims=dynamic_dims,
+    )  # fmt: skip
     show_bar = opts.format == "text" and not opts.quiet and sys.stderr.isatty()
     with progress_bar(show_bar, "timing") as progress:
         result = run_optimize(

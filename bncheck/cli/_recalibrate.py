@@ -11,6 +11,8 @@ import typer
 from bncheck.cli import (
     ArchKwargsOpt,
     ArchOpt,
+    CheckpointKeyOpt,
+    DynamicDimsOpt,
     FormatOpt,
     InPlaceOpt,
     MaxBatchesOpt,
@@ -61,6 +63,8 @@ def recalibrate(
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
     trust_pickle: TrustOpt = False,
+    checkpoint_key: CheckpointKeyOpt = None,
+    dynamic_dims: DynamicDimsOpt = None,
     input_shape: ShapeOpt = None,
     verbose: VerboseOpt = False,
     quiet: QuietOpt = False,
@@ -76,8 +80,9 @@ def recalibrate(
     from bncheck.report import recalibrate as rep
 
     opts = common(
-        fmt, None, None, None, arch, arch_kwargs, trust_pickle, input_shape, verbose, quiet
-    )
+        fmt, None, None, None, arch, arch_kwargs, trust_pickle, input_shape, verbose, quiet,
+        checkpoint_key=checkpoint_key, dynamic_dims=dynamic_dims,
+    )  # fmt: skip
     if output is None and not in_place:
         raise InputError("give -o OUT (or --in-place to overwrite the model)")
     show = opts.format == "text" and not opts.quiet and sys.stderr.isatty()

@@ -112,6 +112,7 @@ def to_json(result: InspectResult) -> str:
             for n in info.norm_layers
         ],
         "findings": [finding_dict(f) for f in result.findings],
+        "notes": result.notes,
         "summary": {
             "bn_layers": len(info.bn_layers),
             "foldable": sum(1 for layer in info.bn_layers if layer.fold.foldable),
@@ -179,6 +180,8 @@ def render_text(result: InspectResult, console: Console, *, verbose: bool = Fals
         f for f in result.findings if verbose or f.severity != Severity.INFO or f.code == "BN301"
     ]
     print_findings(console, shown)
+    for note in result.notes:
+        console.print(Text(f"note: {note}", style="dim"))
     console.print(summary_line(result), style="bold")
 
 

@@ -3,30 +3,45 @@
 from __future__ import annotations
 
 import copy
-import inspect
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from bncheck.backends.base import ModelHandle
-from bncheck.backends.torch.discover import build_info, class_name
+from bncheck.backends.torch.discover import build_info
+from bncheck.backends.torch.example import (
+    DATA,
+    GIVEN,
+    GUESS,
+    PROGRAM,
+    axes_for,
+    build_example,
+    dynamic_spec,
+    forward_args,
+    seeded_randn,
+    symbolic_axes,
+)
 from bncheck.backends.torch.load import load_torch, quiet_torch
 from bncheck.errors import InputError, first_line
 from bncheck.layers import FoldStep, ModelInfo
 
 __all__ = ["TorchHandle", "open_torch"]
 
-_GUESS_SPATIAL = {"Conv1d": (32,), "Conv2d": (32, 32), "Conv3d": (16, 16, 16)}
+Shapes = Mapping[str, Sequence[int]]
 
 
 class TorchHandle(ModelHandle):
     """A loaded PyTorch model: the eager module, and the ExportedProgram once traced.
 
-    ``exported`` is traced lazily (deep copy in eval mode, ``torch.export.export(strict=False)``)
-    on first use; for a ``.pt2`` it is the loaded program. ``notes`` collects remarks such as a
-    guessed example input.
+    ``exported`` is traced lazily (deep copy in eval mode, ``torch.export.export(strict=False)``,
+    dim 0 and the ``dynamic_dims`` dynamic) on first use; for a ``.pt2`` it is the loaded program
+    (re-exported when ``dynamic_dims`` asks for a dim it fixes). The example input comes from
+    ``input_shapes``, the data (:meth:`use_data_shapes`), ``example_input_shape``, or a guess
+    (see ``example.py``); ``shape_source`` says which. ``notes`` collects remarks such as a
+    guessed example input or the checkpoint entry a state dict was taken from.
     """
 
     framework = "torch"
@@ -39,14 +54,22 @@ class TorchHandle(ModelHandle):
         exported: Any = None,
         *,
         input_shapes: dict[str, tuple[int, ...]] | None = None,
+        dynamic_dims: Shapes | None = None,
+        factory_shape: Any = None,
+        notes: Sequence[str] = (),
     ) -> None:
         self.path = path
         self.format = format
         self.module = module
-        self.notes: list[str] = []
+        self.notes: list[str] = list(notes)
         self._exported = exported
         self._input_shapes = input_shapes
-        self._traced = exported is not None or format == "torchscript"
+        self._shape_source: str | None = GIVEN if input_shapes else None
+        self._dynamic_dims = dynamic_dims
+        self._factory_shape = factory_shape
+        self._guess_note: str | None = None
+        # A loaded .pt2 is traced already, unless --dynamic-dims asks for a dim it may fix.
+        self._traced = format == "torchscript" or (exported is not None and not dynamic_dims)
         self._graph_error: str | None = (
             "TorchScript model: producers and consumers could not be traced"
             if format == "torchscript"
@@ -54,6 +77,7 @@ class TorchHandle(ModelHandle):
         )
         self._example: dict[str, Any] | None = None
         self._info: ModelInfo | None = None
+        self._runnable: Any = None
 
     @property
     def example_named(self) -> dict[str, Any]:
@@ -66,6 +90,93 @@ class TorchHandle(ModelHandle):
     def example_inputs(self) -> tuple[Any, ...]:
         """Positional example inputs used to trace (and to run) the model."""
         return tuple(self.example_named.values())
+
+    @property
+    def example_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The shape of each example input, by name."""
+        return {k: tuple(v.shape) for k, v in self.example_named.items() if hasattr(v, "shape")}
+
+    @property
+    def shape_source(self) -> str | None:
+        """Where the example input's shape came from: ``--input-shape``, ``data``,
+        ``example_input_shape``, ``guess``, ``program`` (a .pt2), or None (no example)."""
+        _ = self.example_named
+        return self._shape_source
+
+    @property
+    def input_names(self) -> list[str]:
+        """The model's inputs, in order (forward arguments; a .pt2's user inputs)."""
+        if self.format == "pt2" and self._exported is not None:
+            return list(self._exported.graph_signature.user_inputs)
+        return forward_args(self.module)[0] or ["x"]
+
+    def use_data_shapes(self, shapes: Mapping[str, tuple[int, ...]]) -> bool:
+        """Take the example input's shape from the data (``shapes``: input name → full shape)
+        when ``--input-shape`` did not give it; a .pt2 keeps its program's. Forgets whatever
+        was traced on the old shape. Returns whether the shape was taken."""
+        if self.format == "pt2" or self._shape_source == GIVEN or not shapes:
+            return False
+        if self._example is not None and self.example_shapes == dict(shapes):
+            self._shape_source = DATA
+            self._drop_guess_note()
+            return True
+        self._input_shapes = {k: tuple(v) for k, v in shapes.items()}
+        self._shape_source = DATA
+        self._drop_guess_note()
+        self._example = None
+        self._traced = self.format == "torchscript"
+        self._exported = None
+        self._graph_error = self._graph_error if self.format == "torchscript" else None
+        self._info = None
+        self._runnable = None
+        return True
+
+    def check_output(self, out: Path) -> None:
+        """Refuse, before any work, an output this model cannot be written to faithfully: a
+        .pt2/.onnx would be fixed to a guessed input shape; --dynamic-dims asks for dims a
+        weights-only file does not store."""
+        suffix = Path(out).suffix.lower()
+        if suffix in (".pt2", ".onnx"):
+            self._refuse_guess(out)
+        elif self._dynamic_dims:
+            raise InputError(
+                f"{out}: --dynamic-dims applies to .pt2 and .onnx outputs; a {suffix or 'this'} "
+                "file stores weights only, no input shape"
+            )
+
+    def _refuse_guess(self, out: Path) -> None:
+        if self.shape_source == GUESS:
+            shapes = ", ".join(f"{k}{list(v)}" for k, v in self.example_shapes.items())
+            raise InputError(
+                f"{out}: the input shape {shapes} was guessed, and a written model would be "
+                "fixed to it: pass --input-shape with the model's real input shape "
+                "(or --data)"
+            )
+        if self.shape_source is None and self.format != "pt2":
+            raise InputError(f"{out}: the model has no known input shape: pass --input-shape")
+
+    def _drop_guess_note(self) -> None:
+        if self._guess_note in self.notes:
+            self.notes.remove(self._guess_note)
+        self._guess_note = None
+
+    def derive(self, format: str, module: Any, exported: Any = None) -> TorchHandle:
+        """A handle for a model made from this one (folded, recalibrated): same path, example
+        input, shape source, dynamic dims and notes."""
+        new = TorchHandle(
+            self.path,
+            format,
+            module,
+            exported,
+            input_shapes=self._input_shapes,
+            dynamic_dims=self._dynamic_dims,
+            factory_shape=self._factory_shape,
+            notes=self.notes,
+        )
+        new._example = dict(self.example_named)
+        new._shape_source = self._shape_source
+        new._guess_note = self._guess_note
+        return new
 
     @property
     def exported(self) -> Any:
@@ -97,6 +208,8 @@ class TorchHandle(ModelHandle):
                 self.example_named if ep is None else {},
                 outs,
             )
+            if self._shape_source == GUESS:
+                self._info = replace(self._info, input_guessed=True)
         return self._info
 
     def runnable(self) -> Any:
@@ -106,7 +219,7 @@ class TorchHandle(ModelHandle):
         signature does not list them as mutated), and ``ep.module()`` shares them with the
         program: the runnable gets its own copy of every buffer (statistics are small; the
         parameters stay shared), so running never changes the loaded program's statistics."""
-        if getattr(self, "_runnable", None) is None:
+        if self._runnable is None:
             if self.format == "pt2" and self._exported is not None:
                 gm = self._exported.module()
                 for mod in gm.modules():
@@ -168,13 +281,9 @@ class TorchHandle(ModelHandle):
 
         if self.exported is not None:
             ep, steps = fold_graph(self, affine=affine)
-            new = TorchHandle(self.path, "pt2", ep.module(), ep)
-            new._example = dict(self.example_named)
-            return new, steps
+            return self.derive("pt2", ep.module(), ep), steps
         module, steps = fold_eager(self)
-        new = TorchHandle(self.path, self.format, module, input_shapes=self._input_shapes)
-        new._example = dict(self.example_named)
-        return new, steps
+        return self.derive(self.format, module), steps
 
     def moment_runner(self, *, batch_stats: bool) -> Any:
         from bncheck.backends.torch.stats import moment_runner
@@ -199,54 +308,84 @@ class TorchHandle(ModelHandle):
             fmt = self.format
         if fmt is None:
             raise InputError(f"{path}: cannot write a {self.format} model as {suffix or 'this'}")
+        self.check_output(path)
         save_torch(self, path, fmt)
+
+    def program_to_write(self) -> Any:
+        """The ExportedProgram a .pt2/.onnx is written from: dim 0 of every input and the
+        --dynamic-dims dynamic. A program that fixes one of them (a .pt2 exported so) is
+        exported again from its graph; when the model itself pins its batch size the file
+        keeps it (said in ``notes``), and a --dynamic-dims dim it pins is an error."""
+        import torch
+
+        ep = self.exported
+        if ep is None:
+            raise InputError(f"{self.path}: cannot write a traced model: {self.graph_error}")
+        if not self._missing_axes(ep):
+            return ep
+        batched, spec, _ = dynamic_spec(self.example_named, self._dynamic_dims)
+        try:
+            with quiet_torch():
+                new = torch.export.export(ep.module(), batched, dynamic_shapes=spec, strict=False)
+        except Exception as exc:
+            self._pinned(ep, exc)
+            return ep
+        self._pinned(new, None)
+        return new
+
+    def _missing_axes(self, ep: Any) -> dict[str, list[int]]:
+        """Per input, the axes that should be dynamic in ``ep`` but are not."""
+        have = symbolic_axes(ep)
+        shapes = self.example_shapes
+        missing = {}
+        for name in have:
+            rank = len(shapes.get(name, ()))
+            if not rank:
+                continue
+            want = {0, *axes_for(self._dynamic_dims, name, rank, len(have) == 1)}
+            lost = sorted(want - have[name])
+            if lost:
+                missing[name] = lost
+        return missing
+
+    def _pinned(self, ep: Any, exc: BaseException | None) -> None:
+        """Judge the dims ``ep`` left static (``exc``: why the dynamic export failed, if it
+        did): a --dynamic-dims dim is an error; a batch dim only, a note that a written file
+        runs that batch size only."""
+        missing = self._missing_axes(ep)
+        if not missing:
+            return
+        shapes = self.example_shapes
+        why = f" ({first_line(exc)})" if exc is not None else ""
+        asked = {k: [a for a in v if a] for k, v in missing.items() if any(v)}
+        if asked:
+            dims = "; ".join(f"input {k!r} dim {', '.join(map(str, v))}" for k, v in asked.items())
+            raise InputError(
+                f"{self.path}: --dynamic-dims: the model fixes {dims} when traced at "
+                f"{', '.join(f'{k}{list(v)}' for k, v in shapes.items())}{why}; "
+                "drop those dims or pass the --input-shape it runs at"
+            )
+        note = (
+            "the model fixes its batch size when traced: a written file runs inputs of shape "
+            f"{', '.join(f'{k}{list(v)}' for k, v in shapes.items())} only{why}"
+        )
+        if note not in self.notes:
+            self.notes.append(note)
 
     # ------------------------------------------------------------------------------------------
 
     def _build_example(self) -> dict[str, Any]:
-        import torch
-
-        shapes = self._input_shapes
         if self.format == "pt2":
+            self._shape_source = GIVEN if self._input_shapes else PROGRAM
             return self._pt2_example()
-        dtype = next((p.dtype for p in self.module.parameters() if p.is_floating_point()), None)
-        dtype = dtype or torch.float32
-        names, required = _forward_args(self.module)
-        if shapes:
-            if "" in shapes:
-                if len(shapes) > 1 or len(required) > 1:
-                    raise InputError(
-                        f"{self.path}: model takes inputs {', '.join(names)}; "
-                        "give --input-shape name=dims for each"
-                    )
-                return {names[0] if names else "x": _seeded_randn(shapes[""], dtype)}
-            unknown = [k for k in shapes if k not in names]
-            if unknown:
-                raise InputError(
-                    f"{self.path}: no model input named {unknown[0]!r} (inputs: {', '.join(names)})"
-                )
-            given = [n for n in names if n in shapes]
-            if given != names[: len(given)] or not set(required) <= set(given):
-                raise InputError(f"{self.path}: give --input-shape for inputs {', '.join(names)}")
-            return {n: _seeded_randn(shapes[n], dtype) for n in given}
-        first = names[0] if names else "x"
-        shape = getattr(self.module, "example_input_shape", None)
-        if isinstance(shape, (tuple, list)) and all(isinstance(d, int) for d in shape):
-            return {first: _seeded_randn(tuple(shape), dtype)}
-        for name, m in self.module.named_modules():
-            kind = class_name(m)
-            if kind in _GUESS_SPATIAL and hasattr(m, "in_channels"):
-                shape = (2, m.in_channels, *_GUESS_SPATIAL[kind])
-            elif kind == "Linear" and hasattr(m, "in_features"):
-                shape = (2, m.in_features)
-            else:
-                continue
-            self.notes.append(
-                f"example input {first}{list(shape)} guessed from '{name}' ({kind}); "
-                "pass --input-shape to set it"
-            )
-            return {first: _seeded_randn(shape, dtype)}
-        return {}
+        example, source, note = build_example(
+            self.path, self.module, self._input_shapes, self._shape_source, self._factory_shape
+        )
+        self._shape_source = source
+        if note and note not in self.notes:
+            self._guess_note = note
+            self.notes.append(note)
+        return example
 
     def _pt2_example(self) -> dict[str, Any]:
         import torch
@@ -267,40 +406,49 @@ class TorchHandle(ModelHandle):
                 continue
             dims = shapes.get(n) or tuple(d if isinstance(d, int) else 2 for d in val.shape)
             out[n] = (
-                _seeded_randn(dims, val.dtype)
+                seeded_randn(dims, val.dtype)
                 if val.is_floating_point()
                 else torch.zeros(dims, dtype=val.dtype)
             )
         return out
 
     def _trace(self) -> tuple[Any, str | None]:
+        """Export an eval copy with dim 0 and the --dynamic-dims dynamic; a model that pins
+        them is traced as it is (``_pinned`` decides whether that is an error). A .pt2 is
+        exported again only when it fixes a dim --dynamic-dims asks for."""
         import torch
 
+        if self.format == "pt2":
+            ep = self._exported
+            return (self.program_to_write() if self._missing_axes(ep) else ep), None
         example = self.example_named
         if not example:
             return None, "could not trace the model: no example input (pass --input-shape)"
         work = copy.deepcopy(self.module).eval()
-        # A dynamic batch dim first, so the traced graph (and a fold written from it) runs any
-        # batch size; a model that pins its batch size is traced as it is.
-        batched = tuple(
-            torch.cat([x, x]) if hasattr(x, "dim") and x.dim() > 0 and x.shape[0] == 1 else x
-            for x in example.values()
-        )
-        dims = tuple(
-            {0: torch.export.Dim("batch", min=1)} if hasattr(x, "dim") and x.dim() > 0 else None
-            for x in batched
-        )
+        batched, spec, _ = dynamic_spec(example, self._dynamic_dims)
         with quiet_torch():
             try:
-                return torch.export.export(work, batched, dynamic_shapes=dims, strict=False), None
-            except Exception:
-                pass
-            try:
-                return torch.export.export(work, tuple(example.values()), strict=False), None
-            except InputError:
-                raise
+                ep = torch.export.export(work, batched, dynamic_shapes=spec, strict=False)
             except Exception as exc:
-                return None, f"could not trace the model: {first_line(exc)}"
+                dynamic_error: BaseException | None = exc
+            else:
+                dynamic_error = None
+            if dynamic_error is not None:
+                try:
+                    ep = torch.export.export(work, tuple(example.values()), strict=False)
+                except Exception as exc:
+                    return None, self._trace_error(exc)
+        self._pinned(ep, dynamic_error)
+        return ep, None
+
+    def _trace_error(self, exc: BaseException) -> str:
+        if self._shape_source == GUESS:
+            shapes = ", ".join(f"{k}{list(v)}" for k, v in self.example_shapes.items())
+            return (
+                f"could not trace the model on the guessed input {shapes} ({first_line(exc)}): "
+                "pass --input-shape with the model's real input shape"
+            )
+        return f"could not trace the model: {first_line(exc)}"
 
     def _eager_outputs(self) -> tuple[Any, ...]:
         import torch
@@ -314,15 +462,6 @@ class TorchHandle(ModelHandle):
         except Exception:
             return ()
         return tuple(out) if isinstance(out, (tuple, list)) else (out,)
-
-
-def _seeded_randn(shape: Any, dtype: Any) -> Any:
-    """An example input from a fixed seed: the trace embeds it in a written .pt2
-    (sample_inputs), and the same command must write the same bytes."""
-    import torch
-
-    gen = torch.Generator().manual_seed(0)
-    return torch.randn(tuple(shape), generator=gen).to(dtype)
 
 
 def numpy_outputs(out: Any) -> list[np.ndarray]:
@@ -344,17 +483,6 @@ def _flat_tensors(out: Any) -> list[Any]:
     return [out] if hasattr(out, "detach") else []
 
 
-def _forward_args(module: Any) -> tuple[list[str], list[str]]:
-    """Positional forward arguments, and those of them without a default."""
-    try:
-        params = inspect.signature(module.forward).parameters.values()
-    except (TypeError, ValueError):
-        return [], []
-    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    names = [p for p in params if p.kind in kinds]
-    return [p.name for p in names], [p.name for p in names if p.default is inspect.Parameter.empty]
-
-
 def open_torch(
     path: Path,
     *,
@@ -363,15 +491,31 @@ def open_torch(
     arch_kwargs: dict[str, Any] | None = None,
     trust_pickle: bool = False,
     input_shapes: dict[str, tuple[int, ...]] | None = None,
+    dynamic_dims: Shapes | None = None,
+    checkpoint_key: str | None = None,
 ) -> TorchHandle:
     """Load a PyTorch file identified as ``kind`` by ``sniff`` and return its handle.
 
+    ``dynamic_dims`` (input name or ``""`` → axes) are kept dynamic in written files;
+    ``checkpoint_key`` picks the state dict of a checkpoint that holds several.
     Raises InputError for malformed files or a bad ``--arch``, UnsafeInputError for files that
     could run code without ``trust_pickle``.
     """
     loaded = load_torch(
-        Path(path), kind=kind, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle
+        Path(path),
+        kind=kind,
+        arch=arch,
+        arch_kwargs=arch_kwargs,
+        trust_pickle=trust_pickle,
+        checkpoint_key=checkpoint_key,
     )
     return TorchHandle(
-        Path(path), loaded.format, loaded.module, loaded.exported, input_shapes=input_shapes
+        Path(path),
+        loaded.format,
+        loaded.module,
+        loaded.exported,
+        input_shapes=input_shapes,
+        dynamic_dims=dynamic_dims,
+        factory_shape=loaded.example_shape,
+        notes=loaded.notes,
     )

@@ -211,8 +211,6 @@ def with_stats(
     ``num_batches_tracked`` set to ``num_batches`` when given; every other tensor untouched."""
     import torch
 
-    from bncheck.backends.torch import TorchHandle
-
     def put(tensors: dict[str, Any], prefix: str, mean: np.ndarray, var: np.ndarray) -> None:
         for key, value in (("running_mean", mean), ("running_var", var)):
             fqn = f"{prefix}.{key}" if prefix else key
@@ -230,16 +228,13 @@ def with_stats(
         for name, (mean, var) in stats.items():
             put(state, name, mean, var)
         ep._state_dict = state  # a shallow copy with its own state dict: the source is unchanged
-        new = TorchHandle(handle.path, "pt2", ep.module(), ep)
-    else:
-        module = copy.deepcopy(handle.module)
-        for name, (mean, var) in stats.items():
-            owner = module.get_submodule(name)
-            keys = ("running_mean", "running_var", "num_batches_tracked")
-            buffers = {k: getattr(owner, k) for k in keys if hasattr(owner, k)}
-            put(buffers, "", mean, var)
-            for k, v in buffers.items():
-                owner._buffers[k] = v
-        new = TorchHandle(handle.path, handle.format, module, input_shapes=handle._input_shapes)
-    new._example = dict(handle.example_named)
-    return new
+        return handle.derive("pt2", ep.module(), ep)
+    module = copy.deepcopy(handle.module)
+    for name, (mean, var) in stats.items():
+        owner = module.get_submodule(name)
+        keys = ("running_mean", "running_var", "num_batches_tracked")
+        buffers = {k: getattr(owner, k) for k in keys if hasattr(owner, k)}
+        put(buffers, "", mean, var)
+        for k, v in buffers.items():
+            owner._buffers[k] = v
+    return handle.derive(handle.format, module)
