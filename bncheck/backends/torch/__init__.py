@@ -17,14 +17,12 @@ from bncheck.backends.torch.example import (
     GIVEN,
     GUESS,
     PROGRAM,
-    axes_for,
     build_example,
-    dynamic_spec,
     forward_args,
     seeded_randn,
-    symbolic_axes,
 )
 from bncheck.backends.torch.load import load_torch, quiet_torch
+from bncheck.backends.torch.trace import trace
 from bncheck.errors import InputError, first_line
 from bncheck.layers import FoldStep, ModelInfo
 
@@ -183,7 +181,7 @@ class TorchHandle(ModelHandle):
         """The ExportedProgram (None when the model could not be traced)."""
         if not self._traced:
             self._traced = True
-            self._exported, self._graph_error = self._trace()
+            self._exported, self._graph_error = trace(self)
         return self._exported
 
     @property
@@ -312,65 +310,10 @@ class TorchHandle(ModelHandle):
         save_torch(self, path, fmt)
 
     def program_to_write(self) -> Any:
-        """The ExportedProgram a .pt2/.onnx is written from: dim 0 of every input and the
-        --dynamic-dims dynamic. A program that fixes one of them (a .pt2 exported so) is
-        exported again from its graph; when the model itself pins its batch size the file
-        keeps it (said in ``notes``), and a --dynamic-dims dim it pins is an error."""
-        import torch
+        """The ExportedProgram a .pt2/.onnx is written from (``trace.program_to_write``)."""
+        from bncheck.backends.torch.trace import program_to_write
 
-        ep = self.exported
-        if ep is None:
-            raise InputError(f"{self.path}: cannot write a traced model: {self.graph_error}")
-        if not self._missing_axes(ep):
-            return ep
-        batched, spec, _ = dynamic_spec(self.example_named, self._dynamic_dims)
-        try:
-            with quiet_torch():
-                new = torch.export.export(ep.module(), batched, dynamic_shapes=spec, strict=False)
-        except Exception as exc:
-            self._pinned(ep, exc)
-            return ep
-        self._pinned(new, None)
-        return new
-
-    def _missing_axes(self, ep: Any) -> dict[str, list[int]]:
-        """Per input, the axes that should be dynamic in ``ep`` but are not."""
-        have = symbolic_axes(ep)
-        shapes = self.example_shapes
-        missing = {}
-        for name in have:
-            rank = len(shapes.get(name, ()))
-            if not rank:
-                continue
-            want = {0, *axes_for(self._dynamic_dims, name, rank, len(have) == 1)}
-            lost = sorted(want - have[name])
-            if lost:
-                missing[name] = lost
-        return missing
-
-    def _pinned(self, ep: Any, exc: BaseException | None) -> None:
-        """Judge the dims ``ep`` left static (``exc``: why the dynamic export failed, if it
-        did): a --dynamic-dims dim is an error; a batch dim only, a note that a written file
-        runs that batch size only."""
-        missing = self._missing_axes(ep)
-        if not missing:
-            return
-        shapes = self.example_shapes
-        why = f" ({first_line(exc)})" if exc is not None else ""
-        asked = {k: [a for a in v if a] for k, v in missing.items() if any(v)}
-        if asked:
-            dims = "; ".join(f"input {k!r} dim {', '.join(map(str, v))}" for k, v in asked.items())
-            raise InputError(
-                f"{self.path}: --dynamic-dims: the model fixes {dims} when traced at "
-                f"{', '.join(f'{k}{list(v)}' for k, v in shapes.items())}{why}; "
-                "drop those dims or pass the --input-shape it runs at"
-            )
-        note = (
-            "the model fixes its batch size when traced: a written file runs inputs of shape "
-            f"{', '.join(f'{k}{list(v)}' for k, v in shapes.items())} only{why}"
-        )
-        if note not in self.notes:
-            self.notes.append(note)
+        return program_to_write(self)
 
     # ------------------------------------------------------------------------------------------
 
@@ -411,44 +354,6 @@ class TorchHandle(ModelHandle):
                 else torch.zeros(dims, dtype=val.dtype)
             )
         return out
-
-    def _trace(self) -> tuple[Any, str | None]:
-        """Export an eval copy with dim 0 and the --dynamic-dims dynamic; a model that pins
-        them is traced as it is (``_pinned`` decides whether that is an error). A .pt2 is
-        exported again only when it fixes a dim --dynamic-dims asks for."""
-        import torch
-
-        if self.format == "pt2":
-            ep = self._exported
-            return (self.program_to_write() if self._missing_axes(ep) else ep), None
-        example = self.example_named
-        if not example:
-            return None, "could not trace the model: no example input (pass --input-shape)"
-        work = copy.deepcopy(self.module).eval()
-        batched, spec, _ = dynamic_spec(example, self._dynamic_dims)
-        with quiet_torch():
-            try:
-                ep = torch.export.export(work, batched, dynamic_shapes=spec, strict=False)
-            except Exception as exc:
-                dynamic_error: BaseException | None = exc
-            else:
-                dynamic_error = None
-            if dynamic_error is not None:
-                try:
-                    ep = torch.export.export(work, tuple(example.values()), strict=False)
-                except Exception as exc:
-                    return None, self._trace_error(exc)
-        self._pinned(ep, dynamic_error)
-        return ep, None
-
-    def _trace_error(self, exc: BaseException) -> str:
-        if self._shape_source == GUESS:
-            shapes = ", ".join(f"{k}{list(v)}" for k, v in self.example_shapes.items())
-            return (
-                f"could not trace the model on the guessed input {shapes} ({first_line(exc)}): "
-                "pass --input-shape with the model's real input shape"
-            )
-        return f"could not trace the model: {first_line(exc)}"
 
     def _eager_outputs(self) -> tuple[Any, ...]:
         import torch

@@ -67,23 +67,25 @@ def build_arch(spec: str, kwargs: dict[str, Any] | None) -> tuple[Any, Any]:
 
 
 def match_keys(state: dict[str, Any], expected: Any) -> tuple[dict[str, Any], list[str]]:
-    """``state`` with wrapper prefixes (``WRAPPER_PREFIXES``) removed while each removal makes
-    more of its keys the model's ``expected`` keys; keys without the prefix are dropped with it
-    (a Lightning module's loss or metric buffers). Returns (state, prefixes removed)."""
+    """``state`` with the wrapper prefixes (``WRAPPER_PREFIXES``, up to three deep, as in
+    ``module._orig_mod.``) removed that make the most of its keys the model's ``expected``
+    keys; keys without the prefix go with it (a Lightning module's loss or metric buffers).
+    Returns (state, prefixes removed, outermost first)."""
     want = set(expected)
-    removed: list[str] = []
-    while not want <= set(state):
-        hits = len(want & set(state))
-        best = None
+
+    def best(current: dict[str, Any], depth: int) -> tuple[int, dict[str, Any], list[str]]:
+        found = (len(want & set(current)), current, [])
+        if depth == 3 or want <= set(current):
+            return found
         for prefix in WRAPPER_PREFIXES:
-            sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-            score = len(want & set(sub))
-            if score > hits and (best is None or score > best[0]):
-                best = (score, prefix, sub)
-        if best is None:
-            break
-        state = best[2]
-        removed.append(best[1])
+            sub = {k[len(prefix) :]: v for k, v in current.items() if k.startswith(prefix)}
+            if sub:
+                score, inner, removed = best(sub, depth + 1)
+                if score > found[0]:
+                    found = (score, inner, [prefix, *removed])
+        return found
+
+    _, state, removed = best(state, 0)
     return state, removed
 
 
