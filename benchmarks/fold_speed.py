@@ -59,7 +59,7 @@ def ort_runner(path: Path, x: np.ndarray, threads: int):
 
 def row(label: str, ref_label: str, cmp) -> str:
     a, b = cmp.a, cmp.b
-    flag = "  UNSTABLE" if cmp.unstable else ""
+    flag = "  NOISY" if cmp.noisy else ""
     return (
         f"| {label} | {b.median * 1e3:8.2f} | {ref_label} | {a.median * 1e3:8.2f} "
         f"| {cmp.ratio:5.3f} "

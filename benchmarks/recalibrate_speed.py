@@ -80,7 +80,7 @@ def paired_rows(rows, batches: list[np.ndarray], rounds: int) -> list[str]:
         out.append(
             f"| {label} | {ref_label} | {cmp.b.median * 1e3:.1f} | {cmp.a.median * 1e3:.1f} | "
             f"{cmp.ratio:.3f} | [{cmp.ci_low:.3f}, {cmp.ci_high:.3f}] |"
-            + ("  UNSTABLE" if cmp.unstable else "")
+            + ("  NOISY" if cmp.noisy else "")
         )
     return out
 

@@ -31,7 +31,8 @@ from typing import Any
 import numpy as np
 
 __all__ = [
-    "UNSTABLE_CV",
+    "DEFAULT_MARGIN",
+    "NOISY_CV",
     "Comparison",
     "Samples",
     "bootstrap_ratio",
@@ -39,15 +40,20 @@ __all__ = [
     "fails_slower",
     "measure",
     "peak_rss_bytes",
+    "verdict",
 ]
 
 Runner = Callable[[], None]
 Progress = Callable[[int, int], None]
 Clock = Callable[[], int]
 
-#: A side whose robust coefficient of variation (1.4826·MAD / median) exceeds this is too noisy
-#: for its median to be reported as a result: ``Comparison.unstable`` becomes True.
-UNSTABLE_CV = 0.25
+#: A side whose robust coefficient of variation (1.4826·MAD / median) exceeds this has a noisy
+#: timer: ``Comparison.noisy`` flags it. The verdict still follows the interval, which noise
+#: already widens; a flag tells the reader why an interval is wide.
+NOISY_CV = 0.25
+#: Without a threshold of the user's, ratios within 2 % of 1 either way count as no difference
+#: (the fold's latency target; run-to-run drift on a shared machine is of this order).
+DEFAULT_MARGIN = 1.02
 
 SETTLE_WINDOW = 5  # warm-up settles when the median of the last 5 calls …
 SETTLE_REL = 0.02  # … moves less than 2 % against the median of the 5 before
@@ -89,7 +95,7 @@ class Samples:
     @property
     def robust_cv(self) -> float:
         """``1.4826 · median(|x − median|) / median``: equals ``cv`` for Gaussian noise, but is
-        not moved by a few outliers. ``Comparison.unstable`` is judged on it."""
+        not moved by a few outliers. ``Comparison.noisy`` is judged on it."""
         med = self.median
         mad = float(np.median(np.abs(self.seconds - med)))
         return 1.4826 * mad / med if med > 0 else 0.0
@@ -219,28 +225,24 @@ class Comparison:
     rounds: int
     iters_per_round: int
     resamples: int
-    unstable_cv: float = UNSTABLE_CV
+    threshold: float = DEFAULT_MARGIN
+    noisy_cv: float = NOISY_CV
     order: list[str] = field(default_factory=list, repr=False)  # "AB" / "BA" per round
 
     @property
     def verdict(self) -> str:
-        """``B faster`` / ``B slower`` when the interval excludes 1, else
-        ``no significant difference``."""
-        if self.ci_high < 1.0:
-            return "B faster"
-        if self.ci_low > 1.0:
-            return "B slower"
-        return "no significant difference"
+        """What the interval allows against ``threshold``: see ``verdict()``."""
+        return verdict(self.ci_low, self.ci_high, self.threshold)
 
     @property
-    def unstable(self) -> bool:
-        """Either side's robust CV exceeds ``unstable_cv``: report the figure as unreliable."""
-        return self.a.robust_cv > self.unstable_cv or self.b.robust_cv > self.unstable_cv
+    def noisy(self) -> bool:
+        """Either side's robust CV exceeds ``noisy_cv``: a flag beside the verdict."""
+        return self.a.robust_cv > self.noisy_cv or self.b.robust_cv > self.noisy_cv
 
     def to_dict(self, batch_size: int | None = None) -> dict[str, Any]:
         """JSON-ready. Keys: ``a``, ``b`` (``Samples.to_dict``), ``ratio`` (median B / median A),
-        ``speedup`` (its inverse), ``ci_low``, ``ci_high``, ``confidence``, ``verdict``,
-        ``unstable``, ``unstable_cv``, ``rounds``, ``iters_per_round``, ``resamples``,
+        ``speedup`` (its inverse), ``ci_low``, ``ci_high``, ``confidence``, ``threshold``,
+        ``verdict``, ``noisy``, ``noisy_cv``, ``rounds``, ``iters_per_round``, ``resamples``,
         ``bootstrap`` (the method, ``"paired rounds"``)."""
         return {
             "a": self.a.to_dict(batch_size),
@@ -250,9 +252,10 @@ class Comparison:
             "ci_low": self.ci_low,
             "ci_high": self.ci_high,
             "confidence": self.confidence,
+            "threshold": self.threshold,
             "verdict": self.verdict,
-            "unstable": self.unstable,
-            "unstable_cv": self.unstable_cv,
+            "noisy": self.noisy,
+            "noisy_cv": self.noisy_cv,
             "rounds": self.rounds,
             "iters_per_round": self.iters_per_round,
             "resamples": self.resamples,
@@ -304,13 +307,15 @@ def compare(
     seed: int = 0,
     resamples: int = 2000,
     confidence: float = 0.95,
+    threshold: float = DEFAULT_MARGIN,
     progress: Progress | None = None,
     clock: Clock = time.perf_counter_ns,
 ) -> Comparison:
     """Time A and B in ``rounds`` interleaved rounds of ``iters_per_round`` calls each.
 
     Both sides warm up first (as in ``measure``). Round ``r`` runs A then B when ``r`` is
-    even, B then A when odd. The ratio's interval is ``bootstrap_ratio`` over the rounds.
+    even, B then A when odd. The ratio's interval is ``bootstrap_ratio`` over the rounds; the
+    verdict is judged against ``threshold``.
     ``progress(done_rounds, rounds)`` after each round.
     """
     if rounds < 2 or iters_per_round < 1:
@@ -343,15 +348,39 @@ def compare(
         rounds=rounds,
         iters_per_round=iters_per_round,
         resamples=resamples,
+        threshold=threshold,
         order=order,
     )
 
 
-def fails_slower(comparison: Comparison, pct: float) -> bool:
-    """``--fail-if-slower PCT``: True when B is slower than A by more than ``pct`` percent
-    even at the interval's lower bound, i.e. ``ci_low > 1 + pct / 100``; noise that leaves the
-    lower bound below that threshold never fails a CI run."""
-    return comparison.ci_low > 1.0 + pct / 100.0
+def verdict(ci_low: float, ci_high: float, threshold: float = DEFAULT_MARGIN) -> str:
+    """The verdict a ratio interval ``[ci_low, ci_high]`` of ``median(B) / median(A)`` allows,
+    against a threshold ``T ≥ 1`` and its inverse:
+
+    - ``B slower`` when ``ci_low > T`` (the whole interval is beyond the threshold);
+    - ``B faster`` when ``ci_high < 1 / T``;
+    - ``no difference`` when ``1 / T ≤ ci_low`` and ``ci_high ≤ T`` (it sits inside);
+    - ``inconclusive`` otherwise: the interval straddles ``T`` or ``1 / T``.
+
+    A noisy timer widens the interval; it does not change this rule, so an interval that lies
+    far beyond the threshold is a verdict however noisy the machine was.
+    """
+    if threshold < 1.0:
+        raise ValueError("the threshold is a ratio ≥ 1")
+    if ci_low > threshold:
+        return "B slower"
+    if ci_high < 1.0 / threshold:
+        return "B faster"
+    if ci_low >= 1.0 / threshold and ci_high <= threshold:
+        return "no difference"
+    return "inconclusive"
+
+
+def fails_slower(comparison: Comparison, ratio: float) -> bool:
+    """``--fail-if-slower R``: True exactly when the interval's lower bound is above ``R``, i.e.
+    B is more than ``R`` times slower than A even at the low end of the interval; noise that
+    leaves the lower bound at or below ``R`` never fails a CI run."""
+    return comparison.ci_low > ratio
 
 
 def peak_rss_bytes() -> int | None:

@@ -41,7 +41,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-__all__ = ["interruptible", "is_termination", "ort_run_options", "run_session"]
+__all__ = ["interruptible", "is_termination", "ort_run_options", "run_session", "was_interrupted"]
 
 # RunOptions handed out while a handler may fire; weak, so finished runs do not accumulate.
 _live: weakref.WeakSet[Any] = weakref.WeakSet()
@@ -90,6 +90,14 @@ def interruptible() -> Iterator[None]:
     finally:
         _depth = 0
         signal.signal(signal.SIGINT, previous)
+
+
+def was_interrupted() -> bool:
+    """Whether SIGINT arrived during the current (or last) ``interruptible()`` block. An
+    interrupt that lands inside a C extension's initialisation (``import numpy`` under load)
+    surfaces as that import's own error ("initialization failed"), not ``KeyboardInterrupt``:
+    the CLI asks here before calling such an error internal."""
+    return _interrupted.is_set()
 
 
 def active() -> bool:

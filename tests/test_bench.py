@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from bncheck.bench import (
-    UNSTABLE_CV,
+    NOISY_CV,
     Comparison,
     Samples,
     bootstrap_ratio,
@@ -25,6 +25,7 @@ from bncheck.bench import (
     fails_slower,
     measure,
     peak_rss_bytes,
+    verdict,
 )
 
 
@@ -151,17 +152,18 @@ def test_measure_progress_reports_to_the_end() -> None:
 
 
 def test_measure_sleep_runner_median() -> None:
-    # sleep never returns early and overshoots by well under 1 ms on Linux (timer slack 50 µs):
-    # the median lies in [2, 3] ms.
+    # sleep never returns early: the median is at least 2 ms. On an idle machine it overshoots
+    # by well under 1 ms, but a loaded one can wake it late, so the upper bound is only 5×.
     s = measure(lambda: time.sleep(2e-3), warmup=2, min_time_s=0.05, min_iters=15)
-    assert 2e-3 <= s.median <= 3e-3
+    assert 2e-3 <= s.median <= 10e-3
     assert s.n >= 15
 
 
 def test_measure_spin_runner_median() -> None:
-    # A spin wait ends within a few µs of its deadline; 5 % covers a preempted machine.
+    # A spin wait never ends before its deadline, and idle ends within a few µs of it; a loaded
+    # machine preempts some spins, so only the direction and a 5× bound are asserted.
     s = measure(spin(1e-3), warmup=3, min_time_s=0.05, min_iters=20)
-    assert s.median == pytest.approx(1e-3, rel=0.05)
+    assert 1e-3 <= s.median <= 5e-3
 
 
 def test_sync_is_timed_and_called_after_every_call() -> None:
@@ -185,7 +187,7 @@ def test_sync_is_timed_and_called_after_every_call() -> None:
         assert s.seconds.min() >= 20e-3  # the work itself is inside every sample
         assert log == ["run", "sync"] * (s.warmup_iters + s.n)
         unsynced = measure(launch, warmup=0, min_time_s=0.0, min_iters=5, max_iters=5)
-        assert unsynced.median < 5e-3  # what the harness would have reported without sync
+        assert unsynced.median < 4e-3  # without sync: scheduling only, 5× below the work
         sync()
     finally:
         pool.shutdown(wait=True)
@@ -230,7 +232,7 @@ def test_compare_two_times_slower_interval_contains_two() -> None:
     assert c.ci_low <= 2.0 <= c.ci_high
     assert c.ratio == pytest.approx(2.0, rel=0.02)  # lognormal σ=0.05, 200 samples a side
     assert c.verdict == "B slower"
-    assert not c.unstable
+    assert not c.noisy
     d = c.to_dict(batch_size=4)
     json.dumps(d)
     assert d["ratio"] == c.ratio and d["speedup"] == pytest.approx(1 / c.ratio)
@@ -243,8 +245,9 @@ def test_compare_identical_interval_contains_one() -> None:
     rng = np.random.default_rng(2)
     c = compare(noisy(clock, 1e-3, rng), noisy(clock, 1e-3, rng), seed=0, clock=clock)
     assert c.ci_low <= 1.0 <= c.ci_high
-    assert c.verdict == "no significant difference"
-    assert not fails_slower(c, 0.0)
+    assert c.ci_low >= 1 / 1.02 and c.ci_high <= 1.02
+    assert c.verdict == "no difference"
+    assert not fails_slower(c, 1.0)
 
 
 def test_compare_b_faster() -> None:
@@ -285,24 +288,32 @@ def test_bootstrap_coverage_near_nominal() -> None:
     assert hits >= 51
 
 
-def test_unstable_flag() -> None:
+def test_noisy_flag() -> None:
     clock = FakeClock()
     rng = np.random.default_rng(5)
     steady = compare(noisy(clock, 1e-3, rng), noisy(clock, 1e-3, rng), clock=clock)
     noisy_b = compare(noisy(clock, 1e-3, rng), noisy(clock, 1e-3, rng, 0.6), clock=clock)
-    assert not steady.unstable
-    assert noisy_b.b.robust_cv > UNSTABLE_CV and noisy_b.unstable
-    assert noisy_b.to_dict()["unstable"] is True
+    assert not steady.noisy
+    assert noisy_b.b.robust_cv > NOISY_CV and noisy_b.noisy
+    assert noisy_b.to_dict()["noisy"] is True
+
+
+def test_noisy_but_far_slower_is_still_a_verdict() -> None:
+    # The case seen under load: B ~5× slower with a noisy timer. The interval, wide as it is,
+    # lies wholly above the threshold, so the answer is not in doubt.
+    clock = FakeClock()
+    rng = np.random.default_rng(6)
+    c = compare(noisy(clock, 1e-3, rng, 0.6), noisy(clock, 5e-3, rng, 0.6), clock=clock)
+    assert c.noisy and c.ci_low > 1.1
+    assert c.verdict == "B slower" and fails_slower(c, 1.1)
 
 
 def test_compare_real_spin_runners() -> None:
-    # Wall-clock check of the whole path; the point ratio's bias is µs of call overhead
-    # against 1–2 ms, so 10 % tolerates a loaded machine.
-    c = compare(spin(1e-3), spin(2e-3), rounds=10, iters_per_round=5, warmup=3)
-    assert c.ratio == pytest.approx(2.0, rel=0.1)
+    # Wall-clock check of the whole path: a 5× effect, of which only the direction is
+    # asserted, so a loaded machine (a preempted spin lasts longer) cannot flip it.
+    c = compare(spin(1e-3), spin(5e-3), rounds=10, iters_per_round=5, warmup=3)
+    assert c.ratio > 1.5 and c.ci_low > 1.1
     assert c.verdict == "B slower"
-    same = compare(spin(1e-3), spin(1e-3), rounds=10, iters_per_round=5, warmup=3)
-    assert same.ratio == pytest.approx(1.0, rel=0.1)
 
 
 def test_compare_progress_per_round() -> None:
@@ -328,17 +339,57 @@ def _comparison(low: float, high: float) -> Comparison:
 
 
 @pytest.mark.parametrize(
-    ("low", "high", "pct", "fails"),
+    ("low", "high", "ratio", "fails"),
     [
-        (1.06, 1.20, 5.0, True),  # lower bound clears 5 %: fail
-        (1.04, 1.30, 5.0, False),  # point estimate 17 % slower, but the bound is within noise
-        (0.90, 1.10, 0.0, False),  # no significant difference never fails
-        (0.70, 0.90, 0.0, False),  # B faster
-        (1.01, 1.02, 0.0, True),  # any significant slowdown fails --fail-if-slower 0
+        (1.06, 1.20, 1.05, True),  # lower bound clears 1.05: fail
+        (1.04, 1.30, 1.05, False),  # point estimate 17 % slower, but the bound is within noise
+        (1.05, 1.30, 1.05, False),  # exactly at the threshold is not above it
+        (0.90, 1.10, 1.0, False),  # an interval holding 1 never fails
+        (0.70, 0.90, 1.0, False),  # B faster
+        (1.01, 1.02, 1.0, True),  # any significant slowdown fails --fail-if-slower 1
+        (4.80, 9.00, 1.1, True),  # wide (noisy) but wholly above: fails
     ],
 )
-def test_fails_slower(low: float, high: float, pct: float, fails: bool) -> None:
-    assert fails_slower(_comparison(low, high), pct) is fails
+def test_fails_slower(low: float, high: float, ratio: float, fails: bool) -> None:
+    assert fails_slower(_comparison(low, high), ratio) is fails
+
+
+@pytest.mark.parametrize(
+    ("low", "high", "threshold", "expected"),
+    [
+        (4.80, 9.00, 1.1, "B slower"),  # wholly above
+        (1.03, 1.05, 1.02, "B slower"),
+        (0.50, 0.90, 1.02, "B faster"),  # wholly below 1 / 1.02
+        (0.99, 1.01, 1.02, "no difference"),  # inside [1/1.02, 1.02]
+        (1.03, 1.08, 1.10, "no difference"),  # significant, but within the user's 1.1
+        (0.99, 1.05, 1.02, "inconclusive"),  # straddles 1.02
+        (0.95, 1.00, 1.02, "inconclusive"),  # straddles 1 / 1.02
+        (0.50, 3.00, 1.02, "inconclusive"),  # straddles both
+        (1.00, 1.00, 1.0, "no difference"),
+    ],
+)
+def test_verdict_follows_the_interval(
+    low: float, high: float, threshold: float, expected: str
+) -> None:
+    assert verdict(low, high, threshold) == expected
+    c = Comparison(
+        Samples(np.full(10, 1e-3)),
+        Samples(np.full(10, 1e-3)),
+        1.0,
+        low,
+        high,
+        0.95,
+        2,
+        5,
+        2000,
+        threshold=threshold,
+    )
+    assert c.verdict == expected and c.to_dict()["threshold"] == threshold
+
+
+def test_verdict_threshold_below_one_is_refused() -> None:
+    with pytest.raises(ValueError):
+        verdict(0.9, 1.1, 0.9)
 
 
 def test_peak_rss_bytes_units() -> None:

@@ -27,9 +27,17 @@ from bncheck.api._bench_inputs import (
     latency_runner_for,
 )
 from bncheck.api._bench_stats import CONFIDENCE, RESAMPLES, hierarchical_bootstrap_ratio
-from bncheck.api._common import as_handle
+from bncheck.api._common import as_handle, use_data_shapes
 from bncheck.backends import ModelHandle
-from bncheck.bench import UNSTABLE_CV, Comparison, Samples, compare, fails_slower, measure
+from bncheck.bench import (
+    DEFAULT_MARGIN,
+    NOISY_CV,
+    Comparison,
+    Samples,
+    compare,
+    fails_slower,
+    measure,
+)
 from bncheck.bench import peak_rss_bytes as _peak_rss
 from bncheck.errors import InputError
 
@@ -71,18 +79,17 @@ class BenchRow:
     memory_kind: str = "peak RSS of the process"
 
     @property
-    def unstable(self) -> bool:
-        """Too noisy to be a result: a side's robust CV exceeds ``bench.UNSTABLE_CV``."""
+    def noisy(self) -> bool:
+        """The timer's spread is high: a side's robust CV exceeds ``bench.NOISY_CV``. A flag
+        beside the figures, not a verdict: the interval already widens with the noise."""
         if self.comparison is not None:
-            return self.comparison.unstable
-        return self.a.robust_cv > UNSTABLE_CV
+            return self.comparison.noisy
+        return self.a.robust_cv > NOISY_CV
 
     @property
     def verdict(self) -> str | None:
-        """``unstable``, or the comparison's verdict (``B faster`` / ``B slower`` /
-        ``no significant difference``); None without ``vs``."""
-        if self.unstable:
-            return "unstable"
+        """With ``vs``, what the ratio's interval allows against the comparison's threshold
+        (``B slower`` / ``B faster`` / ``no difference`` / ``inconclusive``); None alone."""
         return None if self.comparison is None else self.comparison.verdict
 
 
@@ -101,14 +108,20 @@ class BenchResult:
     fail_if_slower: float | None = None
 
     @property
-    def unstable(self) -> bool:
-        return any(r.unstable for r in self.rows)
+    def noisy(self) -> bool:
+        return any(r.noisy for r in self.rows)
+
+    @property
+    def threshold(self) -> float:
+        """The ratio the verdicts are judged against: ``fail_if_slower``, else the default
+        margin of ``bench.DEFAULT_MARGIN``."""
+        return DEFAULT_MARGIN if self.fail_if_slower is None else self.fail_if_slower
 
     @property
     def failed(self) -> bool:
-        """``--fail-if-slower PCT``: some row's ratio CI lies wholly above ``1 + PCT/100``
-        (``bench.fails_slower``); the interval already widens with noise, so an unstable row
-        can fail too, but noise alone never does."""
+        """``--fail-if-slower R``: some row's ratio interval lies wholly above ``R``
+        (``bench.fails_slower``): its lower bound is above ``R``. Noise widens the interval, so
+        it alone never fails; a slowdown whose whole interval is beyond ``R`` always does."""
         if self.fail_if_slower is None:
             return False
         return any(
@@ -189,79 +202,37 @@ def bench(
     each); the interval is ``hierarchical_bootstrap_ratio`` over instances and rounds.
     Warm-up of every instance: ``warmup`` calls (fewer when they would exceed the budget), then
     until the median settles.
+
+    Verdicts (``bench.verdict``) are judged against ``fail_if_slower``, a ratio ``R ≥ 1`` of
+    B to A, or else ``bench.DEFAULT_MARGIN``; the result fails when some row's interval lies
+    wholly above ``R``.
     """
     check_options(
         device, threads, batch_sizes, time_budget_s, rounds, warmup, replicates, vs, fail_if_slower
     )
     shapes = dict(input_shapes) if input_shapes else None
-    handle = as_handle(model, data=data, input_shapes=shapes, **open_options)
-    other = None if vs is None else as_handle(vs, input_shapes=shapes, **open_options)
-    for h in (handle, other):
-        if h is not None:
-            check_engine(h, engine)
-            check_device(h, device)
-    if compile and all(h is None or h.framework == "onnx" for h in (handle, other)):
-        raise InputError(f"{handle.path}: --compile is for PyTorch models; onnxruntime has none")
-    n_rounds = rounds if rounds is not None else (DEFAULT_ROUNDS if other is not None else None)
+    handle, other = _open_sides(model, vs, shapes, engine, device, compile, open_options)
+    if data is not None:
+        use_data_shapes(handle, data)  # a state dict runs at its data's shape
+    plan = _Plan(
+        runner_options=dict(device=device, threads=threads, compile=compile, optimize=optimize),
+        time_budget_s=time_budget_s,
+        rounds=rounds if rounds is not None else (DEFAULT_ROUNDS if other is not None else None),
+        replicates=replicates,
+        warmup=warmup,
+        seed=seed,
+        threshold=DEFAULT_MARGIN if fail_if_slower is None else fail_if_slower,
+    )
     rows: list[BenchRow] = []
     notes: list[str] = []
-    side_a = side_b = None
-    inputs = ""
-    total = PROGRESS_UNITS * len(batch_sizes)
-    settings: dict[str, Any] = {
-        "time_budget_s": time_budget_s,
-        "rounds": n_rounds,
-        "warmup": warmup,
-        "optimize": optimize,
-        "compile": compile,
-        "replicates": replicates if other is not None else None,
-    }
     for i, batch in enumerate(int(b) for b in batch_sizes):
-        base = i * PROGRESS_UNITS
-
-        def row_progress(done: int, tot: int | None, base: int = base) -> None:
-            if progress is not None and tot:
-                progress(base + min(PROGRESS_UNITS, PROGRESS_UNITS * done // tot), total)
-
         feeds, inputs = bench_feeds(handle, batch, data, shapes, seed)
         got = len(next(iter(feeds.values())))
         if got != batch:
             notes.append(f"batch size {batch}: ran {got} samples (all the input had)")
-        opts = dict(device=device, threads=threads, compile=compile, optimize=optimize)
-        run_a = latency_runner_for(handle, feeds, **opts)
-        side_a = _side(handle, run_a)
-        if other is None:
-            t = _probe(run_a)
-            fixed = n_rounds is not None
-            samples = measure(
-                run_a.run,
-                warmup=_warmup_calls(warmup, time_budget_s, t),
-                min_time_s=0.0 if fixed else time_budget_s,
-                min_iters=n_rounds if fixed else 20,
-                max_iters=n_rounds if fixed else 100_000,
-                sync=run_a.sync,
-                progress=row_progress,
-            )
-            memory, kind = _memory([run_a])
-            rows.append(BenchRow(got, samples, memory_bytes=memory, memory_kind=kind))
-        else:
-            cmp, side_b, memory, kind = _compare_pairs(
-                handle,
-                other,
-                feeds,
-                first=run_a,
-                opts=opts,
-                rounds=n_rounds,
-                replicates=replicates,
-                time_budget_s=time_budget_s,
-                warmup=warmup,
-                seed=seed,
-                progress=row_progress,
-            )
-            rows.append(BenchRow(got, cmp.a, cmp.b, cmp, memory_bytes=memory, memory_kind=kind))
-        del run_a
-    assert side_a is not None
-    notes += _engine_notes(side_a, side_b, threads)
+        row_progress = _row_progress(progress, i, len(batch_sizes))
+        row, side_a, side_b = _time_batch(handle, other, feeds, got, plan, row_progress)
+        rows.append(row)
     return BenchResult(
         a=side_a,
         b=side_b,
@@ -269,9 +240,101 @@ def bench(
         threads=threads,
         inputs=inputs,
         rows=rows,
-        settings=settings,
-        notes=notes,
+        settings=plan.settings(compile, optimize, other is not None),
+        notes=notes + _engine_notes(side_a, side_b, threads),
         fail_if_slower=fail_if_slower,
+    )
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """How every batch size is timed (the options of one ``bench`` call)."""
+
+    runner_options: dict[str, Any]
+    time_budget_s: float
+    rounds: int | None  # None: alone, by time budget
+    replicates: int
+    warmup: int
+    seed: int
+    threshold: float
+
+    def settings(self, compile: bool, optimize: bool, versus: bool) -> dict[str, Any]:
+        return {
+            "time_budget_s": self.time_budget_s,
+            "rounds": self.rounds,
+            "warmup": self.warmup,
+            "optimize": optimize,
+            "compile": compile,
+            "replicates": self.replicates if versus else None,
+            "threshold": self.threshold if versus else None,
+        }
+
+
+def _open_sides(
+    model: str | os.PathLike[str] | ModelHandle,
+    vs: str | os.PathLike[str] | ModelHandle | None,
+    shapes: dict[str, Sequence[int]] | None,
+    engine: str | None,
+    device: str,
+    compile: bool,
+    open_options: dict[str, Any],
+) -> tuple[ModelHandle, ModelHandle | None]:
+    """Open A (and B), refusing an engine, device or --compile they cannot run on."""
+    handle = as_handle(model, input_shapes=shapes, **open_options)
+    other = None if vs is None else as_handle(vs, input_shapes=shapes, **open_options)
+    for h in (handle, other):
+        if h is not None:
+            check_engine(h, engine)
+            check_device(h, device)
+    if compile and all(h is None or h.framework == "onnx" for h in (handle, other)):
+        raise InputError(f"{handle.path}: --compile is for PyTorch models; onnxruntime has none")
+    return handle, other
+
+
+def _row_progress(progress: Progress | None, row: int, rows: int) -> Progress:
+    """``progress`` in units of the whole run: each row owns ``PROGRESS_UNITS`` of it."""
+
+    def report(done: int, total: int | None) -> None:
+        if progress is not None and total:
+            units = min(PROGRESS_UNITS, PROGRESS_UNITS * done // total)
+            progress(row * PROGRESS_UNITS + units, rows * PROGRESS_UNITS)
+
+    return report
+
+
+def _time_batch(
+    handle: ModelHandle,
+    other: ModelHandle | None,
+    feeds: dict[str, np.ndarray],
+    batch: int,
+    plan: _Plan,
+    progress: Progress,
+) -> tuple[BenchRow, BenchSide, BenchSide | None]:
+    """One table row: A alone (``measure``), or A against B over instance pairs."""
+    run_a = latency_runner_for(handle, feeds, **plan.runner_options)
+    side_a = _side(handle, run_a)
+    if other is None:
+        samples = _time_alone(run_a, plan, progress)
+        memory, kind = _memory([run_a])
+        return BenchRow(batch, samples, memory_bytes=memory, memory_kind=kind), side_a, None
+    cmp, side_b, memory, kind = _compare_pairs(
+        handle, other, feeds, first=run_a, plan=plan, progress=progress
+    )
+    row = BenchRow(batch, cmp.a, cmp.b, cmp, memory_bytes=memory, memory_kind=kind)
+    return row, side_a, side_b
+
+
+def _time_alone(runner: Any, plan: _Plan, progress: Progress) -> Samples:
+    """A time budget of calls (or exactly ``plan.rounds`` calls when given), after warm-up."""
+    fixed = plan.rounds is not None
+    return measure(
+        runner.run,
+        warmup=_warmup_calls(plan.warmup, plan.time_budget_s, _probe(runner)),
+        min_time_s=0.0 if fixed else plan.time_budget_s,
+        min_iters=plan.rounds if fixed else 20,
+        max_iters=plan.rounds if fixed else 100_000,
+        sync=runner.sync,
+        progress=progress,
     )
 
 
@@ -306,18 +369,15 @@ def _compare_pairs(
     feeds: dict[str, np.ndarray],
     *,
     first: Any,
-    opts: dict[str, Any],
-    rounds: int,
-    replicates: int,
-    time_budget_s: float,
-    warmup: int,
-    seed: int,
+    plan: _Plan,
     progress: Progress,
 ) -> tuple[Comparison, BenchSide, int | None, str]:
-    """A against B over ``replicates`` fresh instance pairs, each timed by ``bench.compare``
-    (alternating AB / BA rounds); one instance pair alive at a time."""
+    """A against B over ``plan.replicates`` fresh instance pairs, each timed by
+    ``bench.compare`` (alternating AB / BA rounds); one instance pair alive at a time."""
+    opts, rounds, time_budget_s = plan.runner_options, plan.rounds, plan.time_budget_s
+    assert rounds is not None
     feeds_b = feeds_for(other, feeds)
-    pairs = max(1, min(replicates, rounds // 2))
+    pairs = max(1, min(plan.replicates, rounds // 2))
     per = max(2, rounds // pairs)
     a_blocks: list[np.ndarray] = []
     b_blocks: list[np.ndarray] = []
@@ -336,7 +396,7 @@ def _compare_pairs(
             side_b = _side(other, run_b)
             t_a, t_b = _probe(run_a), _probe(run_b)
             k = min(max(round(time_budget_s / (pairs * per * (t_a + t_b) / 2)), 1), 200)
-            w = _warmup_calls(warmup, time_budget_s, max(t_a, t_b))
+            w = _warmup_calls(plan.warmup, time_budget_s, max(t_a, t_b))
         cap = time_budget_s / (4 * pairs)
         warm_a += _warm(run_a, w, cap)
         warm_b += _warm(run_b, w, cap)
@@ -353,7 +413,7 @@ def _compare_pairs(
             warmup=0,  # warmed above, once per instance
             sync_a=run_a.sync,
             sync_b=run_b.sync,
-            seed=seed + p,
+            seed=plan.seed + p,
             resamples=RESAMPLES,
             confidence=CONFIDENCE,
             progress=pair_progress,
@@ -365,7 +425,7 @@ def _compare_pairs(
         memory = mem if memory is None or mem is None else max(memory, mem)
         run_a = run_b = None  # free this pair before the next is built
     a_all, b_all = np.stack(a_blocks), np.stack(b_blocks)
-    ratio, low, high = hierarchical_bootstrap_ratio(a_all, b_all, seed=seed)
+    ratio, low, high = hierarchical_bootstrap_ratio(a_all, b_all, seed=plan.seed)
     comparison = Comparison(
         a=Samples(a_all.ravel(), warmup_iters=warm_a),
         b=Samples(b_all.ravel(), warmup_iters=warm_b),
@@ -376,6 +436,7 @@ def _compare_pairs(
         rounds=pairs * per,
         iters_per_round=k,
         resamples=RESAMPLES,
+        threshold=plan.threshold,
         order=order,
     )
     assert side_b is not None

@@ -71,8 +71,11 @@ def check_options(
     if fail_if_slower is not None:
         if vs is None:
             raise InputError("--fail-if-slower needs --vs: there is nothing to compare with")
-        if not (fail_if_slower >= 0 and math.isfinite(fail_if_slower)):
-            raise InputError(f"--fail-if-slower {fail_if_slower}: must be a percentage ≥ 0")
+        if not (fail_if_slower >= 1 and math.isfinite(fail_if_slower)):
+            raise InputError(
+                f"--fail-if-slower {fail_if_slower:g}: must be a ratio B/A of at least 1 "
+                "(1.1 fails when B is more than 10% slower), or a percentage such as 10%"
+            )
 
 
 def check_device(handle: ModelHandle, device: str) -> None:

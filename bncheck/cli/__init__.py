@@ -315,6 +315,19 @@ from bncheck.cli import (  # noqa: E402, F401
 # ---- entry point --------------------------------------------------------------------------
 
 
+def internal_error(exc: Exception, verbose: bool) -> ExitCode:
+    """The last line of defence (see the module docstring): one line, exit 2, never 1."""
+    if verbose:
+        traceback.print_exc()
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    print(
+        f"bncheck: internal error: {type(exc).__name__}: {first} "
+        "(re-run with -v for the traceback)",
+        file=sys.stderr,
+    )
+    return ExitCode.ERROR
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI and exit with 0 / 1 / 2 / 130; never let an exception pick the code."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -325,7 +338,7 @@ def main(argv: list[str] | None = None) -> None:
         usage_only = True
     else:
         usage_only = False
-    from bncheck.interrupt import interruptible
+    from bncheck.interrupt import interruptible, was_interrupted
 
     interrupted_said = False
     try:
@@ -341,21 +354,18 @@ def main(argv: list[str] | None = None) -> None:
     except typer.TyperException as exc:  # usage errors: bad option, missing argument
         print(f"bncheck: error: {exc.format_message()}", file=sys.stderr)
         code = ExitCode.ERROR
-    except BncheckError as exc:
-        if verbose:
-            traceback.print_exc()
-        print(f"bncheck: error: {exc}", file=sys.stderr)
-        code = exc.exit_code
-    except Exception as exc:  # the last line of defence: see the module docstring
-        if verbose:
-            traceback.print_exc()
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        print(
-            f"bncheck: internal error: {type(exc).__name__}: {first} "
-            "(re-run with -v for the traceback)",
-            file=sys.stderr,
-        )
-        code = ExitCode.ERROR
+    except Exception as exc:
+        if was_interrupted():  # Ctrl-C that surfaced as another error (an import it cut short)
+            print("bncheck: interrupted", file=sys.stderr)
+            code = ExitCode.INTERRUPTED
+            interrupted_said = True
+        elif isinstance(exc, BncheckError):
+            if verbose:
+                traceback.print_exc()
+            print(f"bncheck: error: {exc}", file=sys.stderr)
+            code = exc.exit_code
+        else:
+            code = internal_error(exc, verbose)
     if code == ExitCode.INTERRUPTED:
         if not interrupted_said:
             # typer turns KeyboardInterrupt into Exit(130), returned (not raised) silently.

@@ -47,6 +47,20 @@ RoundsOpt = Annotated[
 WarmupOpt = Annotated[int, typer.Option("--warmup", help="warm-up calls before timing")]
 
 
+def parse_ratio(option: str, value: str | None) -> float | None:
+    """``1.1`` → 1.1 (a ratio B/A); ``10%`` → 1.1 (a slowdown in percent)."""
+    if value is None:
+        return None
+    text = value.strip()
+    try:
+        ratio = 1.0 + float(text[:-1]) / 100.0 if text.endswith("%") else float(text)
+    except ValueError:
+        raise InputError(
+            f"{option} {value!r}: give a ratio B/A such as 1.1, or a percentage such as 10%"
+        ) from None
+    return ratio
+
+
 def parse_batch_sizes(values: list[str] | None) -> tuple[int, ...]:
     """``["1,8", "32"]`` → ``(1, 8, 32)``; one line of error for anything else."""
     if not values:
@@ -92,11 +106,12 @@ def bench(
         typer.Option("--data", help="time on the first batch of this data, not random input"),
     ] = None,
     fail_if_slower: Annotated[
-        float | None,
+        str | None,
         typer.Option(
             "--fail-if-slower",
-            help="with --vs: exit 1 when B is slower than A by more than PCT percent, even at "
-            "the low end of the 95% interval",
+            metavar="RATIO",
+            help="with --vs: exit 1 when B/A is above RATIO (1.1, or 10%) even at the low end "
+            "of the 95% interval; verdicts are judged against it (default margin 1.02)",
         ),
     ] = None,
     fmt: FormatOpt = None,
@@ -110,8 +125,9 @@ def bench(
 ) -> None:
     """Latency, percentiles, throughput and memory; with --vs, the ratio B/A and its 95% CI.
 
-    An unstable measurement is flagged, not reported as a result. Exit 1 with --fail-if-slower
-    when B is slower beyond the threshold.
+    The verdict follows the interval: B slower / B faster when it lies beyond the threshold,
+    no difference when it lies within, inconclusive when it straddles; a noisy timer is flagged.
+    Exit 1 with --fail-if-slower when the whole interval lies above the ratio given.
     """
     from bncheck.api._bench import DEFAULT_TIME_BUDGET_S
     from bncheck.api._bench import bench as run_bench
@@ -138,7 +154,7 @@ def bench(
             rounds=rounds,
             warmup=warmup,
             data=data,
-            fail_if_slower=fail_if_slower,
+            fail_if_slower=parse_ratio("--fail-if-slower", fail_if_slower),
             progress=progress,
             **open_options,
         )

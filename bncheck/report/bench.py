@@ -1,7 +1,10 @@
-"""Render a ``BenchResult`` (schema ``bncheck.bench/1``).
+"""Render a ``BenchResult`` (schema ``bncheck.bench/2``).
 
-An unstable row (a side's robust CV above ``bench.UNSTABLE_CV``) is flagged, never presented
-as a result; a ratio whose interval contains 1 reads "no significant difference".
+A row's verdict follows its interval against the threshold (``bench.verdict``); a noisy timer
+(a side's robust CV above ``bench.NOISY_CV``) is a flag beside it, not a verdict of its own.
+Schema 2 (from 1): ``unstable`` became ``noisy`` (a flag, no longer a verdict), verdicts are
+``B slower`` / ``B faster`` / ``no difference`` / ``inconclusive`` judged against
+``threshold``, and ``summary.fail_if_slower`` is a ratio (it was ``fail_if_slower_pct``).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from bncheck.api._bench import BenchResult, BenchRow, BenchSide
 from bncheck.bench import Samples, fails_slower
 from bncheck.report import dump_json, md_escape
 
-SCHEMA = "bncheck.bench/1"
+SCHEMA = "bncheck.bench/2"
 LABELS = ("A", "B")
 
 
@@ -50,7 +53,7 @@ def row_dict(row: BenchRow) -> dict[str, Any]:
         "a": row.a.to_dict(row.batch_size),
         "b": None if row.b is None else row.b.to_dict(row.batch_size),
         "memory": {"kind": row.memory_kind, "bytes": row.memory_bytes},
-        "unstable": row.unstable,
+        "noisy": row.noisy,
         "verdict": row.verdict,
     }
     c = row.comparison
@@ -60,6 +63,7 @@ def row_dict(row: BenchRow) -> dict[str, Any]:
                 "ratio": c.ratio,
                 "ratio_ci": [c.ci_low, c.ci_high],
                 "confidence": c.confidence,
+                "threshold": c.threshold,
                 "speedup": 1.0 / c.ratio if c.ratio > 0 else None,
                 "rounds": c.rounds,
                 "iters_per_round": c.iters_per_round,
@@ -82,32 +86,42 @@ def to_json(result: BenchResult) -> str:
         "notes": result.notes,
         "summary": {
             "rows": len(result.rows),
-            "unstable": result.unstable,
-            "fail_if_slower_pct": result.fail_if_slower,
+            "noisy": result.noisy,
+            "threshold": result.threshold,
+            "fail_if_slower": result.fail_if_slower,
             "failed": result.failed,
         },
     }
     return dump_json(SCHEMA, payload)
 
 
-def verdict_text(row: BenchRow, labels: tuple[str, str] = LABELS) -> str:
-    """One phrase for a row: the ratio and what it means, or why it is no result."""
-    c = row.comparison
-    if row.unstable:
-        worst = max(row.a.robust_cv, row.b.robust_cv if row.b is not None else 0.0)
-        return (
-            f"unstable measurement (robust CV {worst:.0%}): not a result; rerun on a quiet "
-            "machine or raise --time-budget"
-        )
-    if c is None:
+def noise_text(row: BenchRow) -> str:
+    """Why a row's figures are shaky, or "" when the timer was steady."""
+    if not row.noisy:
         return ""
+    worst = max(row.a.robust_cv, row.b.robust_cv if row.b is not None else 0.0)
+    return f"noisy timer (robust CV {worst:.0%}): a quieter machine or more --time-budget helps"
+
+
+def verdict_text(
+    row: BenchRow, labels: tuple[str, str] = LABELS, *, with_noise: bool = True
+) -> str:
+    """One phrase for a row: the ratio, its interval and the verdict it allows, with the noisy
+    flag after it when ``with_noise``."""
+    c = row.comparison
+    noise = noise_text(row) if with_noise else ""
+    if c is None:
+        return noise
     a, b = labels
     ci = f"{c.ratio:.3f}× ({c.confidence:.0%} CI {c.ci_low:.3f}–{c.ci_high:.3f})"
-    if c.verdict == "B faster":
-        return f"{b} is faster than {a}: {ci}"
-    if c.verdict == "B slower":
-        return f"{b} is slower than {a}: {ci}"
-    return f"no significant difference: {ci}"
+    phrase = {
+        "B faster": f"{b} is faster than {a}: {ci}",
+        "B slower": f"{b} is slower than {a}: {ci}",
+        "no difference": f"no difference beyond {c.threshold:g}×: {ci}",
+        "inconclusive": f"inconclusive at {c.threshold:g}×: {ci} straddles it; "
+        "more --rounds would decide",
+    }[c.verdict]
+    return f"{phrase}; {noise}" if noise else phrase
 
 
 def _stats_cells(s: Samples, batch: int) -> list[str]:
@@ -137,15 +151,17 @@ def latency_table(result: BenchResult, labels: tuple[str, str] = LABELS, title: 
         cells = [str(row.batch_size), labels[0], *_stats_cells(row.a, row.batch_size)]
         table.add_row(*cells, *([""] if result.b is not None else []))
         if row.b is not None:
-            style = "yellow" if row.unstable else ("green" if row.verdict == "B faster" else "")
+            style = {"B faster": "green", "B slower": "red", "inconclusive": "yellow"}.get(
+                row.verdict or "", ""
+            )
             table.add_row(
                 "",
                 labels[1],
                 *_stats_cells(row.b, row.batch_size),
                 Text(verdict_text(row, labels), style=style),
             )
-        elif row.unstable:
-            table.add_row("", "", Text(verdict_text(row, labels), style="yellow"))
+        elif row.noisy:
+            table.add_row("", "", Text(noise_text(row), style="yellow"))
     return table
 
 
@@ -167,19 +183,18 @@ def summary_line(result: BenchResult, labels: tuple[str, str] = LABELS) -> str:
     for row in result.rows:
         if row.comparison is None:
             figure = (
-                "unstable measurement"
-                if row.unstable
-                else f"median {_ms(row.a.median)} ms, "
-                f"{row.a.throughput(row.batch_size):,.0f} samples/s"
+                f"median {_ms(row.a.median)} ms, {row.a.throughput(row.batch_size):,.0f} samples/s"
             )
+            figure += " (noisy timer)" if row.noisy else ""
         else:
-            figure = verdict_text(row, labels).split(" (robust")[0]
+            figure = verdict_text(row, labels, with_noise=False)
+            figure += " (noisy timer)" if row.noisy else ""
         parts.append(f"batch {row.batch_size}: {figure}")
     head = result.a.path if result.b is None else f"{result.b.path} vs {result.a.path}"
     tail = ""
     if result.fail_if_slower is not None:
         verdict = "FAILED" if result.failed else "passed"
-        tail = f" · --fail-if-slower {result.fail_if_slower:g}% {verdict}"
+        tail = f" · --fail-if-slower {result.fail_if_slower:g} {verdict}"
     return f"{head}: {'; '.join(parts)}{tail}"
 
 
@@ -224,9 +239,9 @@ def render_markdown(result: BenchResult) -> str:
     lines = [f"### bncheck bench: `{md_escape(title)}`", ""]
     lines += [f"- {md_escape(line)}" for line in side_lines(result)]
     lines += ["", *markdown_table(result), ""]
-    unstable = [r for r in result.rows if r.unstable]
-    for r in unstable:
-        lines.append(f"> **batch {r.batch_size}:** {md_escape(verdict_text(r))}")
+    for r in result.rows:
+        if r.noisy:
+            lines.append(f"> **batch {r.batch_size}:** {md_escape(noise_text(r))}")
     lines.append(f"- inputs: {md_escape(result.inputs)}")
     lines.append(f"- {memory_line(result)}")
     lines += [f"- note: {md_escape(n)}" for n in result.notes]
@@ -238,20 +253,18 @@ def render_github(result: BenchResult) -> str:
     path = result.b.path if result.b is not None else result.a.path
     lines = []
     for row in result.rows:
-        if row.unstable:
-            lines.append(
-                f"::warning file={path},title=bncheck bench (batch {row.batch_size})::"
-                f"{verdict_text(row)}"
-            )
-        elif (
+        title = f"bncheck bench (batch {row.batch_size})"
+        if (
             result.fail_if_slower is not None
             and row.comparison is not None
             and fails_slower(row.comparison, result.fail_if_slower)
         ):
             lines.append(
-                f"::error file={path},title=bncheck bench (batch {row.batch_size})::"
-                f"{verdict_text(row)}, more than {result.fail_if_slower:g}% slower"
+                f"::error file={path},title={title}::{verdict_text(row)}, more than "
+                f"{result.fail_if_slower:g}× slower even at the interval's low end"
             )
+        elif row.verdict == "inconclusive" or row.noisy:
+            lines.append(f"::warning file={path},title={title}::{verdict_text(row)}")
     lines += [f"::notice file={path},title=bncheck bench::{n}" for n in result.notes]
     lines.append(summary_line(result))
     return "\n".join(lines)

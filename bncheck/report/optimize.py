@@ -1,5 +1,6 @@
-"""Render an ``OptimizeResult`` (schema ``bncheck.optimize/1``): what changed, the
-verification, the latency before/after, the findings that remain."""
+"""Render an ``OptimizeResult`` (schema ``bncheck.optimize/2``; 2 since its ``bench`` rows use
+schema ``bncheck.bench/2``): what changed, the verification, the latency before/after, the findings
+that remain."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from bncheck.report import (
 from bncheck.report import bench as bench_rep
 from bncheck.report.fold import verification_line
 
-SCHEMA = "bncheck.optimize/1"
+SCHEMA = "bncheck.optimize/2"
 LABELS = ("original", "optimized")
 
 
@@ -77,7 +78,7 @@ def summary_line(result: OptimizeResult) -> str:
     if b is not None and b.rows:
         parts.append(
             "; ".join(
-                f"batch {r.batch_size}: {bench_rep.verdict_text(r, LABELS).split(' (robust')[0]}"
+                f"batch {r.batch_size}: {bench_rep.verdict_text(r, LABELS, with_noise=False)}"
                 for r in b.rows
             )
         )
@@ -189,7 +190,7 @@ def render_github(result: OptimizeResult) -> str:
             f"::warning file={path},title=bncheck optimize (batch {r.batch_size})::"
             f"{bench_rep.verdict_text(r, LABELS)}"
             for r in result.bench.rows
-            if r.unstable
+            if r.noisy or r.verdict == "inconclusive"
         ]
     lines.append(summary_line(result))
     return "\n".join(lines)

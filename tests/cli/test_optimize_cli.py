@@ -20,7 +20,7 @@ def optimize_json(run_cli, *args, code=0):
     result = run_cli("optimize", *args, *FAST)
     assert result.code == code, result
     doc = json.loads(result.out)
-    assert doc["schema"] == "bncheck.optimize/1"
+    assert doc["schema"] == "bncheck.optimize/2"
     return doc
 
 

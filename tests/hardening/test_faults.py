@@ -333,19 +333,20 @@ def test_ctrl_c_between_batches(slow, tmp_path, command):
     need(command)
     model, data = slow
     rc, out, err, took = interrupt_after(
-        CTRL_C[command](model, data, tmp_path), tmp_path, 2.0, grace=8.0
+        CTRL_C[command](model, data, tmp_path), tmp_path, 3.0, grace=8.0
     )
     assert_interrupted(rc, out, err, took, limit=5.0)
     assert files(tmp_path) == set()  # no output, no temporary file
 
 
 def test_ctrl_c_inside_one_long_onnx_run(slow, tmp_path):
-    """One batch of 2048 samples (~10 s in a single session.run): Ctrl-C must still end the
-    run within 2 s, through onnxruntime's terminate flag."""
+    """One batch of 2048 samples (~10 s in a single session.run on an idle machine, longer on a
+    loaded one): Ctrl-C must end the run well before it would finish, through onnxruntime's
+    terminate flag. The limit leaves a loaded machine time to exit, still 2.5× under the run."""
     model, data = slow
     args = ["check", model, "--data", data, "--batch-size", "2048"]
-    rc, out, err, took = interrupt_after(args, tmp_path, 2.0, grace=4.0)
-    assert_interrupted(rc, out, err, took, limit=2.0)
+    rc, out, err, took = interrupt_after(args, tmp_path, 3.0, grace=8.0)
+    assert_interrupted(rc, out, err, took, limit=4.0)
 
 
 # ---- bncheck.interrupt itself -------------------------------------------------------------
@@ -357,7 +358,9 @@ def test_run_session_stops_a_long_run_and_restores_the_handler(slow):
 
     model, _ = slow
     session = make_session(onnx.load(str(model)), source="slow")
-    x = np.random.default_rng(0).normal(size=(512, 3, 32, 32)).astype(np.float32)
+    # 2048 samples at ~5 ms each on one core: seconds uninterrupted, and longer under load, so
+    # stopping within 3 s of the start (the signal comes at 0.3 s) is a direction load keeps.
+    x = np.random.default_rng(0).normal(size=(2048, 3, 32, 32)).astype(np.float32)
     start = time.monotonic()
     (y,) = run_session(session, None, {"x": x[:2]})  # outside the block: a plain run
     assert y.shape == (2, 64, 32, 32)
@@ -366,11 +369,32 @@ def test_run_session_stops_a_long_run_and_restores_the_handler(slow):
     with pytest.raises(KeyboardInterrupt), interruptible():
         start = time.monotonic()
         timer.start()
-        run_session(session, None, {"x": x})  # ≥ 2 s uninterrupted
+        run_session(session, None, {"x": x})
     took = time.monotonic() - start
     timer.join()
-    assert took < 1.5, f"run_session took {took:.2f} s to stop"
+    assert took < 3.0, f"run_session took {took:.2f} s to stop"
     assert signal.getsignal(signal.SIGINT) is previous
     # The session still works after a terminated run (a fresh RunOptions per call).
     (y,) = run_session(session, None, {"x": x[:2]})
     assert np.isfinite(y).all()
+
+
+def test_ctrl_c_that_surfaces_as_another_error_is_an_interrupt(monkeypatch, capsys):
+    """Seen under load: SIGINT landing inside a C extension's import makes that import raise
+    ``ImportError: initialization failed``. It is still Ctrl-C: 130 and one line, not an
+    internal error."""
+    import typer
+
+    import bncheck.interrupt as interrupt
+    from bncheck.cli import main
+
+    class CutShort:
+        def main(self, **kwargs):
+            interrupt._interrupted.set()  # what the SIGINT handler records
+            raise ImportError("initialization failed")
+
+    monkeypatch.setattr(typer.main, "get_command", lambda app: CutShort())
+    with pytest.raises(SystemExit) as exit_info:
+        main(["inspect", "x.onnx"])
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err == "bncheck: interrupted\n"
