@@ -103,10 +103,12 @@ class TorchHandle(ModelHandle):
 
     @property
     def input_names(self) -> list[str]:
-        """The model's inputs, in order (forward arguments; a .pt2's user inputs)."""
+        """The inputs data must feed, in order: a .pt2's user inputs; else the forward's
+        positional arguments without a default (``forward(x, embed=False)`` takes ``x``)."""
         if self.format == "pt2" and self._exported is not None:
             return list(self._exported.graph_signature.user_inputs)
-        return forward_args(self.module)[0] or ["x"]
+        names, required = forward_args(self.module)
+        return required or names[:1] or ["x"]
 
     def use_data_shapes(self, shapes: Mapping[str, tuple[int, ...]]) -> bool:
         """Take the example input's shape from the data (``shapes``: input name → full shape)
