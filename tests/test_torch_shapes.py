@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from torch_fixtures import WideNet, randomize_bn
+from torch_fixtures import WideNet, randomize_bn, wide_files
 
 from bncheck.api._common import as_handle, check_output_path
 from bncheck.backends import open_model
@@ -19,12 +19,15 @@ ARCH = "torch_fixtures:wide_net"
 @pytest.fixture
 def wide(tmp_path):
     """A WideNet state dict (random BN statistics) and 224×224 data for it."""
-    model = randomize_bn(WideNet().eval(), seed=1)
-    f = tmp_path / "wide.pt"
-    torch.save(model.state_dict(), f)
-    data = tmp_path / "d224.npy"
-    np.save(data, np.random.default_rng(0).standard_normal((4, 3, 224, 224)).astype(np.float32))
-    return model, f, data
+    return wide_files(tmp_path, samples=4)
+
+
+def _factory_module(folder, name: str, body: str, monkeypatch) -> str:
+    """Write ``name.py`` (a WideNet factory ``build``) in ``folder`` and make it importable
+    as --arch does, from the working folder; returns the --arch spec."""
+    (folder / f"{name}.py").write_text("from torch_fixtures import WideNet\n" + body)
+    monkeypatch.chdir(folder)
+    return f"{name}:build"
 
 
 def test_shape_order_input_shape_then_data_then_guess(wide, tmp_path):
@@ -49,16 +52,16 @@ def test_shape_order_input_shape_then_data_then_guess(wide, tmp_path):
 
 def test_factory_module_declares_the_shape(wide, tmp_path, monkeypatch):
     _, f, data = wide
-    (tmp_path / "declared.py").write_text(
-        "from torch_fixtures import WideNet\n"
-        "example_input_shape = (1, 3, 48, 40)\n"
-        "def build():\n    return WideNet()\n"
+    arch = _factory_module(
+        tmp_path,
+        "declared",
+        "example_input_shape = (1, 3, 48, 40)\ndef build():\n    return WideNet()\n",
+        monkeypatch,
     )
-    monkeypatch.chdir(tmp_path)
-    h = open_model(f, arch="declared:build")
+    h = open_model(f, arch=arch)
     assert (h.shape_source, h.example_shapes) == ("example_input_shape", {"x": (1, 3, 48, 40)})
     # The data still comes before the factory's declaration.
-    assert as_handle(f, data=data, arch="declared:build").example_shapes["x"][2:] == (224, 224)
+    assert as_handle(f, data=data, arch=arch).example_shapes["x"][2:] == (224, 224)
 
 
 def test_a_guess_is_never_written(wide, tmp_path):
@@ -170,3 +173,16 @@ def test_parse_dynamic_dims_refuses_words_it_does_not_know():
 
     with pytest.raises(InputError, match="--dynamic-dims 'rows'"):
         parse_dynamic_dims(["rows"])
+
+
+def test_data_feeds_the_required_arguments_only(wide, tmp_path, monkeypatch):
+    # torchcrepe's Crepe.forward(x, embed=False): the .npy feeds x, its shape is the example's.
+    _, f, data = wide
+    body = (
+        "class Net(WideNet):\n"
+        "    def forward(self, x, embed=False):\n"
+        "        return super().forward(x)\n"
+        "def build():\n    return Net()\n"
+    )
+    h = as_handle(f, data=data, arch=_factory_module(tmp_path, "optional", body, monkeypatch))
+    assert (h.shape_source, h.example_shapes) == ("data", {"x": (2, 3, 224, 224)})

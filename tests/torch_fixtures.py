@@ -209,3 +209,17 @@ def wide_net() -> WideNet:
 def fixed_head_net() -> WideNet:
     """``--arch torch_fixtures:fixed_head_net``: runs at 224×224 only."""
     return WideNet(fixed_head=True)
+
+
+def wide_files(folder: Path, samples: int, seed: int = 1) -> tuple[WideNet, Path, Path]:
+    """A WideNet with random BN statistics, its state dict saved in ``folder``, and
+    ``samples`` 224×224 samples beside it: (model, state dict path, data path)."""
+    import numpy as np
+
+    model = randomize_bn(WideNet().eval(), seed=seed)
+    f = folder / "wide.pt"
+    torch.save(model.state_dict(), f)
+    data = folder / "d224.npy"
+    rng = np.random.default_rng(0)
+    np.save(data, rng.standard_normal((samples, 3, 224, 224)).astype(np.float32))
+    return model, f, data

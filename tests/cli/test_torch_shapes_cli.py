@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import assert_clean_error
 from onnx import TensorProto, helper, numpy_helper
-from torch_fixtures import WideNet, randomize_bn
+from torch_fixtures import WideNet, randomize_bn, wide_files
 
 ARCH = ("--arch", "torch_fixtures:wide_net")
 TOL = {"rtol": 1e-4, "atol": 1e-5}  # float32 fold of two Conv+BN pairs: ~1e-7 in practice
@@ -21,13 +21,8 @@ TOL = {"rtol": 1e-4, "atol": 1e-5}  # float32 fold of two Conv+BN pairs: ~1e-7 i
 
 @pytest.fixture
 def wide(tmp_path):
-    """A WideNet state dict (random BN statistics), 224×224 data, and the eager model."""
-    model = randomize_bn(WideNet().eval(), seed=2)
-    f = tmp_path / "wide.pt"
-    torch.save(model.state_dict(), f)
-    data = tmp_path / "d224.npy"
-    np.save(data, np.random.default_rng(0).standard_normal((8, 3, 224, 224)).astype(np.float32))
-    return model, f, data
+    """A WideNet state dict (random BN statistics), 8 samples of 224×224 data, the model."""
+    return wide_files(tmp_path, samples=8, seed=2)
 
 
 def _eager(model, x: np.ndarray) -> np.ndarray:
