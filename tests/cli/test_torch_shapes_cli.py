@@ -201,3 +201,12 @@ def test_optimize_state_dict_with_dynamic_dims(run_cli, wide, tmp_path):
     assert _onnx_dims(out) == ["batch", 3, "height", "width"]
     x = np.random.default_rng(7).standard_normal((2, 3, 96, 128)).astype(np.float32)
     np.testing.assert_allclose(_run_onnx(out, x), _eager(model, x), **TOL)
+
+
+def test_a_run_on_a_guessed_shape_that_fails_names_input_shape(run_cli, tmp_path):
+    f = tmp_path / "fixed_head.pt"
+    torch.save(randomize_bn(WideNet(fixed_head=True).eval()).state_dict(), f)
+    arch = ("--arch", "torch_fixtures:fixed_head_net")
+    assert_clean_error(run_cli("check", f, *arch, "--synthetic"), "guessed", "--input-shape")
+    r = run_cli("fold", f, *arch)  # verification runs the model on the guess
+    assert_clean_error(r, "failed to run on x[2, 3, 32, 32]", "guessed", "--input-shape")

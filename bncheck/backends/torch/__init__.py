@@ -18,12 +18,14 @@ from bncheck.backends.torch.example import (
     GUESS,
     PROGRAM,
     build_example,
+    check_output,
     forward_args,
+    run_error,
     seeded_randn,
 )
 from bncheck.backends.torch.load import load_torch, quiet_torch
 from bncheck.backends.torch.trace import trace
-from bncheck.errors import InputError, first_line
+from bncheck.errors import InputError
 from bncheck.layers import FoldStep, ModelInfo
 
 __all__ = ["TorchHandle", "open_torch"]
@@ -132,28 +134,9 @@ class TorchHandle(ModelHandle):
         return True
 
     def check_output(self, out: Path) -> None:
-        """Refuse, before any work, an output this model cannot be written to faithfully: a
-        .pt2/.onnx would be fixed to a guessed input shape; --dynamic-dims asks for dims a
-        weights-only file does not store."""
-        suffix = Path(out).suffix.lower()
-        if suffix in (".pt2", ".onnx"):
-            self._refuse_guess(out)
-        elif self._dynamic_dims:
-            raise InputError(
-                f"{out}: --dynamic-dims applies to .pt2 and .onnx outputs; a {suffix or 'this'} "
-                "file stores weights only, no input shape"
-            )
-
-    def _refuse_guess(self, out: Path) -> None:
-        if self.shape_source == GUESS:
-            shapes = ", ".join(f"{k}{list(v)}" for k, v in self.example_shapes.items())
-            raise InputError(
-                f"{out}: the input shape {shapes} was guessed, and a written model would be "
-                "fixed to it: pass --input-shape with the model's real input shape "
-                "(or --data)"
-            )
-        if self.shape_source is None and self.format != "pt2":
-            raise InputError(f"{out}: the model has no known input shape: pass --input-shape")
+        """Refuse, before any work, an output this model cannot be written to faithfully
+        (``example.check_output``: a guessed shape, dims a weights-only file cannot keep)."""
+        check_output(self, out)
 
     def _drop_guess_note(self) -> None:
         if self._guess_note in self.notes:
@@ -245,8 +228,12 @@ class TorchHandle(ModelHandle):
             with torch.inference_mode(), quiet_torch():
                 out = self.runnable()(*tensors)
         except Exception as exc:
-            raise InputError(f"{self.path}: the model failed to run: {first_line(exc)}") from None
+            raise self.run_error(exc, tensors) from None
         return numpy_outputs(out)
+
+    def run_error(self, exc: BaseException, tensors: Sequence[Any]) -> InputError:
+        """The error for a forward that raised ``exc`` on ``tensors`` (``example.run_error``)."""
+        return run_error(self, exc, tensors)
 
     def input_tensors(self, feeds: Mapping[str, np.ndarray]) -> list[Any]:
         """``feeds`` as the forward's positional tensors (CPU): matched by argument name, a

@@ -30,8 +30,10 @@ __all__ = [
     "PROGRAM",
     "axes_for",
     "build_example",
+    "check_output",
     "dynamic_spec",
     "forward_args",
+    "run_error",
     "seeded_randn",
     "symbolic_axes",
 ]
@@ -232,3 +234,43 @@ def symbolic_axes(ep: Any) -> dict[str, set[int]]:
         free = {i for i, d in enumerate(shape) if not str(d).lstrip("-").isdigit()}
         out[name] = free - tied.get(name, set())
     return out
+
+
+def check_output(handle: Any, out: Any) -> None:
+    """Refuse an output ``handle`` cannot be written to faithfully: a .pt2/.onnx traced on a
+    guessed shape (or none) would be fixed to it; --dynamic-dims asks for dims a weights-only
+    file does not store."""
+    from pathlib import Path
+
+    suffix = Path(out).suffix.lower()
+    if suffix in (".pt2", ".onnx"):
+        if handle.shape_source == GUESS:
+            shapes = ", ".join(f"{k}{list(v)}" for k, v in handle.example_shapes.items())
+            raise InputError(
+                f"{out}: the input shape {shapes} was guessed, and a written model would be "
+                "fixed to it: pass --input-shape with the model's real input shape (or --data)"
+            )
+        if handle.shape_source is None and handle.format != "pt2":
+            raise InputError(f"{out}: the model has no known input shape: pass --input-shape")
+    elif handle._dynamic_dims:
+        raise InputError(
+            f"{out}: --dynamic-dims applies to .pt2 and .onnx outputs; a {suffix or 'this'} "
+            "file stores weights only, no input shape"
+        )
+
+
+def run_error(handle: Any, exc: BaseException, tensors: Sequence[Any]) -> InputError:
+    """The error for a forward of ``handle`` that raised ``exc`` on ``tensors``: it names the
+    shapes fed, and --input-shape when they came from a guess."""
+    from bncheck.errors import first_line
+
+    names = list(handle.example_named) or [f"input{i}" for i in range(len(tensors))]
+    fed = ", ".join(
+        f"{n}{list(t.shape)}" for n, t in zip(names, tensors, strict=False) if hasattr(t, "shape")
+    )
+    hint = (
+        ": that shape was guessed, pass --input-shape with the model's real input shape"
+        if handle.shape_source == GUESS
+        else ""
+    )
+    return InputError(f"{handle.path}: the model failed to run on {fed} ({first_line(exc)}){hint}")

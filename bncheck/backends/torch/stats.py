@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from bncheck.backends.torch.graph import BN_OPS, op_args, packet
-from bncheck.errors import InputError, first_line
+from bncheck.errors import InputError
 from bncheck.numerics import Moments
 
 MomentRunner = Callable[[Mapping[str, np.ndarray]], tuple[list[np.ndarray], dict[str, Moments]]]
@@ -193,8 +193,7 @@ def moment_runner(handle: Any, *, batch_stats: bool) -> MomentRunner:
         except InputError:
             raise
         except Exception as exc:
-            first = first_line(exc)
-            raise InputError(f"{handle.path}: the model failed to run: {first}") from None
+            raise handle.run_error(exc, tensors) from None
         outs = numpy_outputs(out)
         return outs, dict(current)
 
