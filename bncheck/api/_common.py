@@ -61,7 +61,7 @@ def use_data_shapes(handle: ModelHandle, data: str | os.PathLike[str], **data_op
     ``example_input_shape``, a guess. Data that cannot be read is left for ``open_data`` to
     report with the model's inputs at hand."""
     take = getattr(handle, "use_data_shapes", None)
-    if take is None or handle.shape_source in ("--input-shape", "program"):  # type: ignore[attr-defined]
+    if take is None:  # an ONNX model carries its own shapes
         return
     from bncheck.data import sample_shapes
 
