@@ -210,3 +210,9 @@ def test_a_run_on_a_guessed_shape_that_fails_names_input_shape(run_cli, tmp_path
     assert_clean_error(run_cli("check", f, *arch, "--synthetic"), "guessed", "--input-shape")
     r = run_cli("fold", f, *arch)  # verification runs the model on the guess
     assert_clean_error(r, "failed to run on x[2, 3, 32, 32]", "guessed", "--input-shape")
+
+
+def test_data_against_a_given_shape_names_input_shape(run_cli, wide):
+    _, f, data = wide
+    r = run_cli("check", f, *ARCH, "--data", data, "--input-shape", "1,3,96,96")
+    assert_clean_error(r, "dim 2 is 224, not 96", "--input-shape")
