@@ -223,3 +223,21 @@ def wide_files(folder: Path, samples: int, seed: int = 1) -> tuple[WideNet, Path
     rng = np.random.default_rng(0)
     np.save(data, rng.standard_normal((samples, 3, 224, 224)).astype(np.float32))
     return model, f, data
+
+
+class PinnedBatch(nn.Module):
+    """Flattens with ``view(1, -1)``: runs batch size 1 only, whatever export is asked."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4 * 8 * 8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.bn(self.conv(x)).view(1, -1))
+
+
+def pinned_batch() -> PinnedBatch:
+    """``--arch torch_fixtures:pinned_batch``."""
+    return PinnedBatch()

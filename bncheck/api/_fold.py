@@ -165,6 +165,7 @@ def fold(
             tolerance=tol,
         )
     result = FoldResult(source=source, folded=folded.info(), steps=steps, verification=verification)
+    result.notes += getattr(folded, "notes", [])  # e.g. which checkpoint entry, a pinned batch
     if out is not None and result.passed:
         folded.save(out)
         result.output = out

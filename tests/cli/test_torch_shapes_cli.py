@@ -216,3 +216,19 @@ def test_data_against_a_given_shape_names_input_shape(run_cli, wide):
     _, f, data = wide
     r = run_cli("check", f, *ARCH, "--data", data, "--input-shape", "1,3,96,96")
     assert_clean_error(r, "dim 2 is 224, not 96", "--input-shape")
+
+
+def test_a_model_that_pins_its_batch_is_written_so_and_says_it(run_cli, tmp_path):
+    from torch_fixtures import PinnedBatch
+
+    f = tmp_path / "pinned.pt"
+    torch.save(randomize_bn(PinnedBatch().eval()).state_dict(), f)
+    out = tmp_path / "pinned.onnx"
+    r = run_cli(
+        "fold", f, "--arch", "torch_fixtures:pinned_batch", "--input-shape", "1,3,8,8",
+        "-o", out, "--format", "json",
+    )  # fmt: skip
+    assert r.code == 0, r
+    (note,) = json.loads(r.out)["notes"]
+    assert note.startswith("the model fixes its batch size when traced") and "x[1, 3, 8, 8]" in note
+    assert _onnx_dims(out) == [1, 3, 8, 8]
