@@ -18,9 +18,21 @@ def umask() -> int:
     return mask
 
 
+def new_file_mode() -> int:
+    """The mode ``open(path, "w")`` gives a new file: 0666 & ~umask."""
+    return 0o666 & ~umask()
+
+
+def as_new_file(path: str | os.PathLike[str]) -> None:
+    """Give ``path`` the mode a new file gets. For files other libraries create 0600 (onnx's
+    external-data writer, ``mkstemp``): a service reading the model as another user must be
+    able to read all of it, as it can read the ``.onnx`` beside it."""
+    os.chmod(path, new_file_mode())
+
+
 def temp_beside(path: Path, suffix: str) -> tuple[int, Path]:
     """An open (fd, path) for a hidden temp file in ``path``'s folder, mode 0666 & ~umask."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=suffix, dir=path.parent)
-    os.chmod(tmp, 0o666 & ~umask())
+    as_new_file(tmp)
     return fd, Path(tmp)

@@ -69,3 +69,16 @@ def first_line(exc: BaseException, limit: int = 300) -> str:
     text = str(exc).strip()
     line = text.splitlines()[0] if text else type(exc).__name__
     return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def one_line(exc: BaseException, limit: int = 1000) -> str:
+    """Every line of a library's exception text on one line (whitespace collapsed; the type's
+    name when it has no text). Libraries such as onnxruntime put the useful part after the
+    first line ("Got invalid dimensions …" / "index: 1 Got: 4 Expected: 3"), so nothing is
+    dropped; past ``limit`` characters the middle is cut, keeping the start (what failed) and
+    the end (the figures)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if len(text) <= limit:
+        return text
+    half = (limit - 5) // 2
+    return f"{text[:half]} ... {text[-half:]}"

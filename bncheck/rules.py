@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from bncheck.layers import BNLayer, Finding, ModelInfo, Severity
+from bncheck.wording import plural
 
 FP16_MAX = 65504.0
 # Folded weights are the conv weights times |gamma|/sqrt(var+eps); past this factor a typical
@@ -58,9 +59,10 @@ def _rule(code: str, name: str, severity: Severity, hint: str, *, model: bool = 
 
 def all_rules() -> dict[str, Rule]:
     """Every rule by code (layer, model and data rules), sorted by code."""
-    from bncheck.rules_data import DATA_RULES  # imported late: rules_data imports this module
+    # imported late: rules_data imports this module
+    from bncheck.rules_data import DATA_RULES, RECALIBRATE_RULES
 
-    return dict(sorted({**RULES, **MODEL_RULES, **DATA_RULES}.items()))
+    return dict(sorted({**RULES, **MODEL_RULES, **DATA_RULES, **RECALIBRATE_RULES}.items()))
 
 
 def _f64(a: np.ndarray | None) -> np.ndarray | None:
@@ -68,7 +70,13 @@ def _f64(a: np.ndarray | None) -> np.ndarray | None:
 
 
 def _count(mask: np.ndarray, total: int) -> str:
-    return f"{int(mask.sum())} of {total} channel{'s' if total != 1 else ''}"
+    return f"{int(mask.sum())} of {plural(total, 'channel')}"
+
+
+def _listed(names: Sequence[str], most: int = 4) -> str:
+    """The first ``most`` names, then how many more."""
+    more = f" and {len(names) - most} more" if len(names) > most else ""
+    return ", ".join(names[:most]) + more
 
 
 # --- BN1xx: statistics ---------------------------------------------------------------------
@@ -81,44 +89,50 @@ def _count(mask: np.ndarray, total: int) -> str:
     "run `bncheck recalibrate MODEL --data D -o OUT` on representative data",
 )
 def uncalibrated(layer: BNLayer, info: ModelInfo) -> str | None:
-    """Running statistics were never calibrated.
+    """Running statistics were never calibrated: still the initial mean 0 and variance 1.
 
-    The running mean is exactly 0 and the running variance exactly 1 in every channel (the
-    values a fresh BN layer starts with), or ``num_batches_tracked`` is 0. At inference the
-    layer then normalizes with statistics that have nothing to do with the data, and the
-    network's accuracy is typically near chance.
+    The running mean is exactly 0 and the running variance exactly 1 in every channel, the
+    values a fresh BN layer starts with (PyTorch ``reset_running_stats``; the ONNX exporters
+    copy them as they are). At inference the layer then normalizes with statistics that have
+    nothing to do with the data, and the network's accuracy is typically near chance.
+    ``num_batches_tracked`` alone decides nothing: models converted from other frameworks carry
+    real statistics with a counter of 0 (see BN108).
     """
     if layer.frozen and layer.running_mean is None:
         return None
-    if layer.num_batches_tracked == 0 and layer.track_running_stats:
-        return "num_batches_tracked is 0: running statistics were never updated"
     mean, var = _f64(layer.running_mean), _f64(layer.running_var)
     if mean is None or var is None or mean.size == 0:
         return None
     if np.all(mean == 0.0) and np.all(var == 1.0):
-        return "running_mean is all 0 and running_var all 1: the initial values, never calibrated"
+        never = ", and num_batches_tracked is 0" if layer.num_batches_tracked == 0 else ""
+        return (
+            "running_mean is all 0 and running_var all 1: the initial values, never "
+            f"calibrated{never}"
+        )
     return None
 
 
 @_rule(
     "BN102",
-    "non-positive-variance",
+    "negative-variance",
     Severity.ERROR,
     "recalibrate the layer; a variance cannot be negative, so the stored value is corrupt",
 )
-def non_positive_variance(layer: BNLayer, info: ModelInfo) -> str | None:
-    """Running variance is zero or negative in some channels.
+def negative_variance(layer: BNLayer, info: ModelInfo) -> str | None:
+    """Running variance is negative in some channels: the stored value is corrupt.
 
-    A variance cannot be negative; with ``var + eps <= 0`` the square root is NaN and the
-    channel's output is NaN, and at exactly 0 the layer divides by ``sqrt(eps)`` alone.
+    A variance cannot be negative. Where ``var + eps < 0`` the square root is NaN and the
+    channel outputs NaN; where it is just above ``-eps`` the channel is amplified without
+    bound. A variance of exactly 0 is a legitimate value (a channel whose input was constant
+    during calibration) and is BN103's; NaN or Inf is BN104's.
     """
     var = _f64(layer.running_var)
     if var is None:
         return None
-    bad = np.isfinite(var) & (var <= 0)
+    bad = np.isfinite(var) & (var < 0)
     if not bad.any():
         return None
-    return f"running_var <= 0 in {_count(bad, var.size)} (min {var[bad].min():.3g})"
+    return f"running_var < 0 in {_count(bad, var.size)} (min {var[bad].min():.3g})"
 
 
 @_rule(
@@ -128,20 +142,20 @@ def non_positive_variance(layer: BNLayer, info: ModelInfo) -> str | None:
     "recalibrate on representative data, or raise eps; check the channel is not dead upstream",
 )
 def tiny_variance(layer: BNLayer, info: ModelInfo) -> str | None:
-    """Running variance is positive but below eps in some channels.
+    """Running variance is below eps (0 included) in some channels.
 
     The normalization is then dominated by eps, and any input fluctuation in that channel is
     amplified by up to ``1/sqrt(eps)`` (~316x for eps=1e-5). Usually a channel that was
-    constant (dead after ReLU) during calibration.
+    constant during calibration (dead after a ReLU): recalibration writes exactly 0 there.
     """
     var = _f64(layer.running_var)
     if var is None:
         return None
-    tiny = np.isfinite(var) & (var > 0) & (var < layer.eps)
+    tiny = np.isfinite(var) & (var >= 0) & (var < layer.eps)
     if not tiny.any():
         return None
     where = _count(tiny, var.size)
-    return f"0 < running_var < eps={layer.eps:g} in {where} (min {var[tiny].min():.3g})"
+    return f"0 <= running_var < eps={layer.eps:g} in {where} (min {var[tiny].min():.3g})"
 
 
 @_rule(
@@ -224,13 +238,14 @@ def extreme_scale(layer: BNLayer, info: ModelInfo) -> str | None:
     "BN107",
     "fp16-overflow",
     Severity.WARNING,
-    "the value becomes Inf in fp16 and zeroes the channel: keep BN in fp32 or rescale the input",
+    "the value becomes Inf in fp16 and the channel outputs beta alone: keep BN in fp32 or "
+    "rescale the input",
 )
 def fp16_overflow(layer: BNLayer, info: ModelInfo) -> str | None:
     """Running variance above the fp16 maximum (65504).
 
-    Stored in fp32 it is fine, but a half-precision deployment turns it into Inf, and
-    ``x / sqrt(inf)`` zeroes the channel's output.
+    Stored in fp32 it is fine, but a half-precision deployment turns it into Inf:
+    ``(x - mean) / sqrt(inf)`` is 0, so the channel outputs the constant beta whatever its input.
     """
     var = _f64(layer.running_var)
     if var is None:
@@ -241,6 +256,40 @@ def fp16_overflow(layer: BNLayer, info: ModelInfo) -> str | None:
     return f"running_var > 65504 (fp16 max) in {_count(big, var.size)} (max {var[big].max():.3g})"
 
 
+@_rule(
+    "BN108",
+    "untracked-batches",
+    Severity.INFO,
+    "nothing to fix for inference; before training on with momentum=None, set "
+    "num_batches_tracked to the number of batches the statistics stand for",
+    model=True,
+)
+def untracked_batches(layer: BNLayer | None, info: ModelInfo) -> str | None:
+    """``num_batches_tracked`` is 0 although the running statistics hold real values.
+
+    Typical of a model converted from another framework (Keras, TensorFlow, Paddle, Caffe),
+    which carries calibrated statistics but no PyTorch batch counter. Inference never reads
+    the counter. Training does only with ``momentum=None``: the cumulative average then
+    weights the first new batch as if it were the only one, replacing the statistics.
+    Reported once for the model, since the cause is the conversion, not a layer.
+    """
+    names = [
+        x.origin or x.name
+        for x in info.bn_layers
+        if x.num_batches_tracked == 0
+        and not x.frozen
+        and uncalibrated(x, info) is None
+        and x.running_mean is not None
+    ]
+    if not names:
+        return None
+    shown = _listed(names)
+    return (
+        f"num_batches_tracked is 0 in {plural(len(names), 'BN layer')} with calibrated "
+        f"statistics ({shown}): likely converted from another framework"
+    )
+
+
 # --- BN2xx: configuration ------------------------------------------------------------------
 
 
@@ -248,22 +297,26 @@ def fp16_overflow(layer: BNLayer, info: ModelInfo) -> str | None:
     "BN201",
     "train-mode",
     Severity.ERROR,
-    "call model.eval() before saving or exporting (ONNX: export with training=EVAL)",
+    "call model.eval() before saving or exporting (torch.onnx.export: keep the default "
+    "training=TrainingMode.EVAL)",
     model=True,
 )
 def train_mode(layer: BNLayer | None, info: ModelInfo) -> str | None:
     """Model saved in train mode (PyTorch ``.training``, ONNX ``training_mode=1``).
 
-    In train mode BN normalizes each batch by its own statistics: outputs depend on what else
-    is in the batch, a batch of one is undefined, and the running statistics are updated.
-    Reported once for the model, naming the layers, since the cause is one missing ``eval()``.
+    In train mode BN normalizes each batch by its own statistics: an output depends on what
+    else is in the batch, a single sample is normalized by its own statistics (PyTorch refuses
+    it when a channel then has one value, as in BatchNorm1d), and in PyTorch every call also
+    updates the running statistics. Reported once for the model, naming the layers, since the
+    cause is one missing ``eval()``.
     """
-    names = [x.name for x in info.bn_layers if x.training and not x.frozen]
+    names = [x.origin or x.name for x in info.bn_layers if x.training and not x.frozen]
     if not names:
         return None
-    shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+    shown = _listed(names)
     return (
-        f"{len(names)} of {len(info.bn_layers)} BN layers saved in train mode ({shown}): "
+        f"{len(names)} of {plural(len(info.bn_layers), 'BN layer')} saved in train mode "
+        f"({shown}): "
         "they normalize with batch statistics at inference"
     )
 
@@ -277,8 +330,9 @@ def train_mode(layer: BNLayer | None, info: ModelInfo) -> str | None:
 def no_running_stats(layer: BNLayer, info: ModelInfo) -> str | None:
     """track_running_stats=False: the layer always uses batch statistics.
 
-    Inference output then depends on the batch, a single-sample batch is undefined, and the
-    layer cannot be folded.
+    The layer has no running statistics, so even in eval mode it normalizes each batch by its
+    own statistics: an output depends on the rest of the batch, a single sample is normalized
+    by itself, and the layer cannot be folded.
     """
     if not layer.track_running_stats and not layer.frozen:
         return "track_running_stats=False: inference depends on the batch"
@@ -289,22 +343,43 @@ def no_running_stats(layer: BNLayer, info: ModelInfo) -> str | None:
     "BN203",
     "momentum",
     Severity.INFO,
-    "momentum only matters for training and recalibration; `bncheck recalibrate` is exact",
+    "momentum only matters in training (and to recalibration by train-mode passes); "
+    "`bncheck recalibrate` computes exact statistics whatever it is",
 )
 def momentum(layer: BNLayer, info: ModelInfo) -> str | None:
     """Unusual momentum: None (cumulative average) or outside (0, 0.5].
 
-    Running statistics are an exponential moving average with this weight on each new batch;
-    a large momentum keeps only the last few batches, a cumulative average weights stale
-    early-training batches equally with late ones.
+    In PyTorch's convention each training step updates
+    ``running = (1 - momentum) * running + momentum * batch`` (ONNX's ``momentum`` attribute is
+    ``1 - momentum``: ONNX 0.9 is PyTorch 0.1). momentum 0 never updates the statistics, so
+    they stay at whatever they were; above 0.5 they follow the last few batches; 1 keeps the
+    last batch alone; outside [0, 1] the update extrapolates. None (PyTorch) is a cumulative
+    average that weights stale early-training batches equally with late ones. Inference never
+    reads momentum, and ``bncheck recalibrate`` computes exact statistics whatever it is.
     """
     m = layer.momentum
     if layer.frozen or not layer.track_running_stats:
         return None
+    onnx = f" (ONNX momentum {1 - m:g})" if m is not None and info.framework == "onnx" else ""
     if m is None:
         return "momentum=None: running statistics are a cumulative average over all of training"
-    if not 0.0 < m <= 0.5:
-        return f"momentum={m:g} (PyTorch convention): running statistics follow recent batches only"
+    if m == 0:
+        return (
+            f"momentum=0{onnx}: running statistics never update in training; they keep the "
+            "values they started with"
+        )
+    if m == 1:
+        return f"momentum=1{onnx}: running statistics are the last training batch's alone"
+    if m < 0 or m > 1:
+        return (
+            f"momentum={m:g}{onnx} is outside [0, 1]: each update extrapolates past the batch "
+            "statistics"
+        )
+    if m > 0.5:
+        return (
+            f"momentum={m:g}{onnx}: each update keeps only {1 - m:.0%} of the running "
+            "statistics, so they follow the last few batches"
+        )
     return None
 
 
@@ -318,7 +393,7 @@ def half_precision(layer: BNLayer, info: ModelInfo) -> str | None:
     """BN parameters or statistics stored in fp16/bf16.
 
     Variances span many orders of magnitude: fp16 flushes small ones to 0 and overflows large
-    ones, bf16 keeps 8 bits of mantissa. Mixed-precision training keeps BN in fp32 for this.
+    ones, bf16 keeps 8 significant bits. Mixed-precision training keeps BN in fp32 for this.
     """
     low = {"float16", "bfloat16"}
     parts = []

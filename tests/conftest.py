@@ -69,21 +69,31 @@ class CliResult:
         return f"CliResult(code={self.code}, err={self.err!r}, out={self.out[-400:]!r})"
 
 
-@pytest.fixture
-def run_cli(capsys, monkeypatch):
-    """Run ``bncheck ARGS`` in-process; returns exit code, stdout, stderr."""
+def _cli_runner(capture, monkeypatch):
     from bncheck.cli import main
 
     monkeypatch.setenv("COLUMNS", "200")
 
     def run(*args) -> CliResult:
-        capsys.readouterr()
+        capture.readouterr()
         with pytest.raises(SystemExit) as exc:
             main([str(a) for a in args])
-        cap = capsys.readouterr()
+        cap = capture.readouterr()
         return CliResult(int(exc.value.code), cap.out, cap.err)
 
     return run
+
+
+@pytest.fixture
+def run_cli(capsys, monkeypatch):
+    """Run ``bncheck ARGS`` in-process; returns exit code, stdout, stderr."""
+    return _cli_runner(capsys, monkeypatch)
+
+
+@pytest.fixture
+def run_cli_fd(capfd, monkeypatch):
+    """Like ``run_cli``, capturing file descriptors 1 and 2: what C++ libraries print too."""
+    return _cli_runner(capfd, monkeypatch)
 
 
 def assert_clean_error(result: CliResult, *needles: str) -> None:

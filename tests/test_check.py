@@ -138,7 +138,13 @@ def test_streamed_figures_equal_a_whole_data_reference(tmp_path):
     mean_b, var_b = handle.stats["bn_b"]
     handle.stats["bn_b"] = (mean_b + 0.3 * np.sqrt(var_b), var_b)
     calls = []
-    result = check(handle, data=data, batch_size=16, progress=lambda d, t: calls.append((d, t)))
+    result = check(
+        handle,
+        data=data,
+        batch_size=16,
+        progress=lambda d, t: calls.append((d, t)),
+        task="classify",
+    )
     assert calls == [(1, 5), (2, 5), (3, 5), (4, 5), (5, 5)]
     assert (result.samples, result.batches) == (70, 5)
 
@@ -374,12 +380,12 @@ def reference(calib):
 
 @pytest.fixture(scope="module")
 def onnx_result() -> CheckResult:
-    return check(SAMPLES / "resnet.onnx", data=SAMPLES / "resnet_calib.npy")
+    return check(SAMPLES / "resnet.onnx", data=SAMPLES / "resnet_calib.npy", task="classify")
 
 
 @pytest.fixture(scope="module")
 def pt2_result() -> CheckResult:
-    return check(SAMPLES / "resnet.pt2", data=SAMPLES / "resnet_calib.npy")
+    return check(SAMPLES / "resnet.pt2", data=SAMPLES / "resnet_calib.npy", task="classify")
 
 
 @pytest.mark.parametrize("form", ["onnx", "pt2"])

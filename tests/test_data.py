@@ -1,4 +1,4 @@
-"""Tests for bncheck.data (and the readers and image pipeline behind it)."""
+"""Tests for bncheck.data (the source, and the readers and image pipeline behind it)."""
 
 from __future__ import annotations
 
@@ -408,7 +408,7 @@ def test_images_errors(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="images feed a single-input model"):
         open_data(folder, inputs=TWO)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(InputError, match=r"empty: no PNG or JPEG images"):
+    with pytest.raises(InputError, match=r"empty: no images \(PNG, JPEG, BMP, TIFF, WebP\)"):
         open_data(tmp_path / "empty", inputs=spec)
 
 
@@ -416,7 +416,9 @@ def test_images_without_pillow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     (tmp_path / "imgs").mkdir()
     (tmp_path / "imgs" / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n")
     monkeypatch.setitem(sys.modules, "PIL", None)  # import PIL now raises ImportError
-    with pytest.raises(InputError, match=r"install bncheck\[images\]"):
+    with pytest.raises(
+        InputError, match=r"needs Pillow, which is not installed: pip install 'bncheck\[images\]'"
+    ):
         open_data(tmp_path / "imgs", inputs=ONE)
 
 

@@ -375,12 +375,12 @@ def test_non_finite_statistics_are_not_folded():
     nodes = [helper.make_node("Conv", ["x", "W"], ["c"], name="conv"), bn_node("bn", "c", "y")]
     _, steps = model_of(nodes, inits, (1, 2, 3, 3)).folded(affine=True)
     assert steps[0].into is None
-    assert steps[0].reason == "BN statistics give a non-finite scale or shift in 1 channel(s)"
+    assert steps[0].reason == "BN statistics give a non-finite scale or shift in 1 channel"
     # Folding fails and so does the affine form; the step says both.
     nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"), bn_node("bn", "r", "y")]
     _, steps = model_of(nodes, inits[1:], (1, 2, 3, 3)).folded(affine=True)
     assert steps[0].into is None and steps[0].reason.endswith(
-        "; not made affine: BN statistics give a non-finite scale or shift in 1 channel(s)"
+        "; not made affine: BN statistics give a non-finite scale or shift in 1 channel"
     )
 
 

@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -22,6 +23,11 @@ from onnx import numpy_helper
 
 import bncheck
 from bncheck.errors import InputError
+from bncheck.rules_data import (
+    RecalibrateThresholds,
+    RecalibrationEvidence,
+    run_recalibrate_rules,
+)
 
 CALIB, LABELS = SAMPLES / "resnet_calib.npy", SAMPLES / "resnet_labels.npy"
 ARCH = "bncheck.samples:small_resnet"
@@ -49,7 +55,8 @@ def test_perturbed_statistics_are_restored(tmp_path, name):
     bad.save(src)  # the perturbed model as a file in the source's own format
     out = tmp_path / f"fixed{src.suffix}"
     compare = name != "resnet.safetensors"  # the same torch path as .pt: spare two passes
-    result = bncheck.recalibrate(src, out, data=CALIB, labels=LABELS, arch=ARCH, compare=compare)
+    labels = LABELS if compare else None  # labels need the before/after pass
+    result = bncheck.recalibrate(src, out, data=CALIB, labels=labels, arch=ARCH, compare=compare)
     assert result.output == out and result.samples == 256 and result.batches == 8
     assert max_rel(stats_of(result.handle), stats_of(original)) < 1e-4
     assert max_rel(stats_of(bncheck.open_model(out, arch=ARCH)), stats_of(original)) < 1e-4
@@ -181,7 +188,8 @@ def test_small_batches_warn_and_single_samples_are_refused(tmp_path):
     result = bncheck.recalibrate(
         SAMPLES / "resnet.onnx", data=CALIB, batch_size=8, compare=False, max_samples=64
     )
-    assert any("batch size 8 < 16" in w for w in result.warnings)
+    assert result.batch_sizes == [(8, 8)]
+    assert any("from 8 batches of 8 samples (fewer than 16" in w for w in result.warnings)
     with pytest.raises(InputError, match="at least 2"):
         bncheck.recalibrate(SAMPLES / "resnet.onnx", data=CALIB, batch_size=1)
     one = tmp_path / "one.npy"
@@ -234,3 +242,97 @@ def test_two_process_gloo_equals_one_process(tmp_path):
             assert float((a[k].double() - b[k].double()).abs().max()) <= 1e-9 * scale, k
         else:
             assert torch.equal(a[k], b[k]), k
+
+
+# --- the guard: a recalibration is judged before it is written (issue 13, items 9 and 10) ---
+
+
+@pytest.fixture(scope="module")
+def one_class(tmp_path_factory):
+    """The 29 calibration images of class 0 and their labels: data that does not represent
+    use. Recalibrated on it, the sample ResNet falls from 100% to 27.6% on those very images."""
+    folder = tmp_path_factory.mktemp("one_class")
+    x, y = np.load(CALIB), np.load(LABELS)
+    np.save(folder / "x.npy", x[y == 0])
+    np.save(folder / "y.npy", y[y == 0])
+    return folder / "x.npy", folder / "y.npy"
+
+
+@pytest.mark.parametrize("name", ["resnet.onnx", "resnet.pt2"])
+def test_lower_accuracy_writes_nothing_unless_forced(tmp_path, one_class, name):
+    x, y = one_class
+    out = tmp_path / f"r{Path(name).suffix}"
+    result = bncheck.recalibrate(SAMPLES / name, out, data=x, labels=y)
+    assert result.refused and result.output is None and not out.exists()
+    assert result.accuracy_before == 1.0 and result.accuracy_after < 0.5
+    (finding,) = result.findings
+    assert (finding.code, finding.severity.value) == ("BN405", "error")
+    drop = (result.accuracy_before - result.accuracy_after) * 100
+    assert f"({drop:.1f} points > 1) over 29 samples" in finding.message
+    forced = bncheck.recalibrate(SAMPLES / name, out, data=x, labels=y, force=True)
+    assert forced.output == out and not forced.refused and forced.forced
+    assert [f.code for f in forced.findings] == ["BN405"]  # written, still reported
+    assert max_rel(stats_of(bncheck.open_model(out)), stats_of(forced.handle)) < 1e-6
+
+
+def test_output_change_is_the_relative_l2_between_old_and_new_outputs(one_class):
+    x, _ = one_class
+    old = bncheck.open_model(SAMPLES / "resnet.onnx")
+    result = bncheck.recalibrate(old, data=x)  # no labels: the outputs' change is the judge
+    data = {"input": np.load(x)}
+    a = np.asarray(old.run(data)[0], np.float64)
+    b = np.asarray(result.handle.run(data)[0], np.float64)
+    expected = np.linalg.norm(b - a) / np.linalg.norm(a)
+    assert abs(result.output_change - expected) <= 1e-6 * expected
+    assert expected > 0.9  # class-0 statistics wipe out most of the class signal
+    assert [f.code for f in result.findings] == ["BN406"] and result.output is None
+    assert not result.refused  # a warning: the model would be written
+    same = bncheck.recalibrate(old, data=CALIB)  # the data the statistics came from
+    assert same.output_change < 1e-5 and same.findings == []
+
+
+def _evidence(before=None, after=None, change=None, **limits):
+    return RecalibrationEvidence(before, after, change, 100, RecalibrateThresholds(**limits))
+
+
+def test_guard_rules_at_their_thresholds():
+    def codes(*args, **limits):
+        return [f.code for f in run_recalibrate_rules(_evidence(*args, **limits))]
+
+    assert codes(0.9, 0.89) == []  # exactly 1 point: not more than the threshold
+    assert codes(0.9, 0.8899) == ["BN405"]
+    assert codes(0.9, 0.8899, accuracy_drop=5) == []
+    assert codes(0.5, 0.9, 3.0) == []  # accuracy rose: the output change is not judged
+    assert codes(None, None, 0.25) == [] and codes(None, None, 0.2501) == ["BN406"]
+    assert codes(None, None, 0.3, output_change=0.5) == []
+    assert codes(None, None, float("nan")) == ["BN406"]
+    assert codes(None, None, None) == []  # --no-compare: nothing measured
+
+
+def test_guard_thresholds_come_from_the_shared_table():
+    th = RecalibrateThresholds.from_mapping({"accuracy_drop": 5, "kl": 0.1, "output-change": 1})
+    assert (th.accuracy_drop, th.output_change) == (5.0, 1.0)
+    with pytest.raises(InputError, match="accuracy-drop must be in"):
+        RecalibrateThresholds.from_mapping({"accuracy-drop": 101})
+    with pytest.raises(InputError, match="unknown threshold 'accuracy'"):
+        RecalibrateThresholds.from_mapping({"accuracy": 1})
+    with pytest.raises(InputError, match="drop --no-compare"):
+        bncheck.recalibrate(SAMPLES / "resnet.onnx", data=CALIB, labels=LABELS, compare=False)
+
+
+def test_small_batch_warning_reads_the_batches_the_data_formed(tmp_path):
+    eight = tmp_path / "eight.npy"
+    np.save(eight, np.load(CALIB)[:8])
+    result = bncheck.recalibrate(SAMPLES / "resnet.onnx", data=eight, compare=False)
+    assert result.batch_size == 32 and result.batch_sizes == [(8, 1)]
+    (warning,) = [w for w in result.warnings if "batch statistics" in w]
+    assert "from 1 batch of 8 samples (fewer than 16" in warning
+    onnx_path = SAMPLES / "resnet.onnx"
+    # 32 + 8: the small batch holds 20% of the samples, worth a warning.
+    mixed = bncheck.recalibrate(onnx_path, data=CALIB, max_samples=40, compare=False)
+    assert mixed.batch_sizes == [(32, 1), (8, 1)]
+    assert any("from 1 batch of 8 samples" in w for w in mixed.warnings)
+    # 7 × 32 + 10: a trailing batch with 4% of the samples barely moves the estimate.
+    tail = bncheck.recalibrate(onnx_path, data=CALIB, max_samples=234, compare=False)
+    assert tail.batch_sizes == [(32, 7), (10, 1)]
+    assert not any("batch statistics" in w for w in tail.warnings)

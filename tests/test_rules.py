@@ -25,15 +25,40 @@ def test_every_rule_is_documented_with_hint_and_summary():
         assert rule.doc and rule.hint and rule.summary
 
 
-@pytest.mark.parametrize(
-    "overrides",
-    [
-        dict(running_mean=np.zeros(4, np.float32), running_var=np.ones(4, np.float32)),
-        dict(num_batches_tracked=0),
-    ],
-)
-def test_bn101_uncalibrated(overrides):
-    assert codes_for(make_layer(**overrides)) == ["BN101"]
+@pytest.mark.parametrize("tracked", [0, 100, None])
+def test_bn101_uncalibrated_means_the_initial_values(tracked):
+    layer = make_layer(
+        running_mean=np.zeros(4, np.float32),
+        running_var=np.ones(4, np.float32),
+        num_batches_tracked=tracked,
+    )
+    [f] = run_rules(make_info(layer))
+    assert (f.code, f.severity) == ("BN101", Severity.ERROR)
+    assert f.message.endswith("and num_batches_tracked is 0") == (tracked == 0)
+
+
+def test_converted_statistics_with_no_batch_count_are_one_info_finding():
+    """A model converted from Keras/TF/Paddle carries real statistics with a counter of 0:
+    no BN101 error, one BN108 info finding for the model naming the layers."""
+    layers = [
+        make_layer(name=f"node_bn{i}", origin=f"stem.{i}", seed=i, num_batches_tracked=0)
+        for i in range(6)
+    ]
+    layers[0] = make_layer(
+        name="node_bn0",
+        origin="stem.0",
+        num_batches_tracked=0,
+        running_mean=np.array([74.0, -3.0, 0.5, 12.0], np.float32),
+        running_var=np.array([1e4, 0.2, 3.0, 50.0], np.float32),
+    )
+    findings = run_rules(make_info(*layers))
+    assert [(f.code, f.severity, f.layer) for f in findings] == [("BN108", Severity.INFO, None)]
+    assert findings[0].message.startswith(
+        "num_batches_tracked is 0 in 6 BN layers with calibrated statistics "
+        "(stem.0, stem.1, stem.2, stem.3 and 2 more)"
+    )
+    [one] = run_rules(make_info(layers[1]))
+    assert "in 1 BN layer with" in one.message
 
 
 def test_bn101_not_for_frozen_without_tracking():
@@ -41,11 +66,20 @@ def test_bn101_not_for_frozen_without_tracking():
     assert codes_for(layer) == []
 
 
-def test_bn102_non_positive_variance_counts_channels():
+def test_bn102_negative_variance_counts_channels():
     var = np.array([1.0, -0.5, 0.0, 2.0], np.float32)
     [f] = run_rules(make_info(make_layer(running_var=var)), select=["BN102"])
     assert f.severity is Severity.ERROR
-    assert "2 of 4 channels" in f.message and "-0.5" in f.message
+    assert f.message == "running_var < 0 in 1 of 4 channels (min -0.5)"
+
+
+def test_zero_variance_is_tiny_not_corrupt():
+    """A dead channel (constant input during calibration) has variance exactly 0: BN103's
+    warning, never BN102's error."""
+    var = np.array([0.0, 1.0, 0.0, 2.0], np.float32)
+    findings = run_rules(make_info(make_layer(running_var=var)))
+    assert [(f.code, f.severity) for f in findings] == [("BN103", Severity.WARNING)]
+    assert findings[0].message == "0 <= running_var < eps=1e-05 in 2 of 4 channels (min 0)"
 
 
 def test_bn103_tiny_variance():
@@ -87,6 +121,43 @@ def test_bn2xx_configuration():
     assert codes_for(make_layer(track_running_stats=False)) == ["BN202"]
     assert codes_for(make_layer(momentum=None)) == ["BN203"]
     assert codes_for(make_layer(momentum=0.9)) == ["BN203"]
+    assert codes_for(make_layer(momentum=0.5)) == []
+
+
+@pytest.mark.parametrize(
+    "momentum, framework, message",
+    [
+        (
+            0.0,
+            "torch",
+            "momentum=0: running statistics never update in training; they keep the values "
+            "they started with",
+        ),
+        (
+            0.0,
+            "onnx",
+            "momentum=0 (ONNX momentum 1): running statistics never update in training; they "
+            "keep the values they started with",
+        ),
+        (1.0, "torch", "momentum=1: running statistics are the last training batch's alone"),
+        (
+            0.9,
+            "onnx",
+            "momentum=0.9 (ONNX momentum 0.1): each update keeps only 10% of the running "
+            "statistics, so they follow the last few batches",
+        ),
+        (
+            -0.1,
+            "torch",
+            "momentum=-0.1 is outside [0, 1]: each update extrapolates past the batch statistics",
+        ),
+    ],
+)
+def test_bn203_states_what_the_momentum_does(momentum, framework, message):
+    """PyTorch: running = (1 - m)·running + m·batch, so m = 0 never updates (the old text said
+    "follow recent batches only"); ONNX's attribute is 1 - m."""
+    [f] = run_rules(make_info(make_layer(momentum=momentum), framework=framework))
+    assert (f.code, f.message) == ("BN203", message)
     assert codes_for(make_layer(stats_dtype="float16", param_dtype="bfloat16")) == ["BN204"]
     assert codes_for(make_layer(kind="SyncBatchNorm")) == ["BN205"]
     assert codes_for(make_layer(call_sites=2)) == ["BN206"]

@@ -12,7 +12,7 @@ from bncheck.api._bench import BenchResult, BenchRow, BenchSide, bench
 from bncheck.api._check import CheckResult, LayerCheck, OutputDivergence, check
 from bncheck.api._common import open_model
 from bncheck.api._fold import FoldResult, Verification, fold, verify_same_function
-from bncheck.api._inspect import InspectResult, inspect
+from bncheck.api._inspect import InspectResult, InspectRun, ModelEntry, inspect, inspect_paths
 from bncheck.api._optimize import OptimizeResult, optimize
 from bncheck.api._recalibrate import RecalibrateResult, recalibrate
 
@@ -23,7 +23,9 @@ __all__ = [
     "CheckResult",
     "FoldResult",
     "InspectResult",
+    "InspectRun",
     "LayerCheck",
+    "ModelEntry",
     "OptimizeResult",
     "OutputDivergence",
     "RecalibrateResult",
@@ -32,6 +34,7 @@ __all__ = [
     "check",
     "fold",
     "inspect",
+    "inspect_paths",
     "open_model",
     "optimize",
     "recalibrate",

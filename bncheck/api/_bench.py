@@ -23,6 +23,7 @@ from bncheck.api._bench_inputs import (
     check_device,
     check_engine,
     check_options,
+    check_same_inputs,
     feeds_for,
     latency_runner_for,
 )
@@ -286,6 +287,8 @@ def _open_sides(
         if h is not None:
             check_engine(h, engine)
             check_device(h, device)
+    if other is not None:
+        check_same_inputs(handle, other)  # before anything is timed
     if compile and all(h is None or h.framework == "onnx" for h in (handle, other)):
         raise InputError(f"{handle.path}: --compile is for PyTorch models; onnxruntime has none")
     return handle, other

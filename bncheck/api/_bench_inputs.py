@@ -149,3 +149,47 @@ def feeds_for(other: ModelHandle, feeds: dict[str, np.ndarray]) -> dict[str, np.
         f"{other.path}: its inputs ({', '.join(names)}) differ from the first model's "
         f"({', '.join(feeds)}); both models must take the same inputs"
     )
+
+
+def check_same_inputs(a: ModelHandle, b: ModelHandle) -> None:
+    """Refuse an A/B comparison, before anything is timed, when B does not take A's inputs.
+
+    Inputs pair by name, or by position when each model takes one input. Each pair must have
+    the same rank, the same dtype, and the same size in every dim that both models fix (a
+    dynamic dim, named or None, fits any size). Raises InputError naming the first difference.
+    """
+    ins_a, ins_b = a.info().inputs, b.info().inputs
+    names_a, names_b = [t.name for t in ins_a], [t.name for t in ins_b]
+    if len(ins_a) == 1 and len(ins_b) == 1:
+        pairs = [(ins_a[0], ins_b[0])]
+    elif set(names_a) == set(names_b):
+        by_name = {t.name: t for t in ins_b}
+        pairs = [(t, by_name[t.name]) for t in ins_a]
+    else:
+        raise InputError(
+            f"{b.path}: its inputs ({', '.join(names_b) or 'none'}) differ from "
+            f"{a.path}'s ({', '.join(names_a) or 'none'}); both models must take the same inputs"
+        )
+    for ta, tb in pairs:
+        where = f"input {ta.name!r}" + (f" ({tb.name!r} in B)" if tb.name != ta.name else "")
+        if len(ta.shape) != len(tb.shape):
+            raise InputError(
+                f"{b.path}: {where} has rank {len(tb.shape)}, {a.path} rank {len(ta.shape)}; "
+                "both models must take the same inputs"
+            )
+        fixed = [
+            (k, da, db)
+            for k, (da, db) in enumerate(zip(ta.shape, tb.shape, strict=True))
+            if isinstance(da, int) and isinstance(db, int) and da != db
+        ]
+        if fixed:
+            k, da, db = fixed[0]
+            raise InputError(
+                f"{b.path}: {where} has size {db} in dim {k}, {a.path} size {da}; "
+                "both models must take the same inputs"
+            )
+        if ta.dtype != tb.dtype:
+            raise InputError(
+                f"{b.path}: {where} is {tb.dtype}, {a.path} takes {ta.dtype}; "
+                "both models must take the same inputs"
+            )

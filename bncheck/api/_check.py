@@ -6,8 +6,8 @@ One streamed pass over the data. Each batch runs twice through the backend's mom
   moments of the layer's *input* (float64, Chan merge across batches) — what the layer actually
   sees at inference on this data;
 - with every BN normalizing by the batch's own statistics, to measure how far the outputs move
-  (relative L2 over all outputs, top-1 agreement for classifiers), accumulated as sums of
-  squares so nothing but the current batch is held.
+  (relative L2 over all outputs; top-1 agreement too when the outputs are class scores,
+  ``task="classify"``), accumulated as sums of squares so nothing but the current batch is held.
 
 The moments are compared with the running statistics by :mod:`bncheck.mismatch`; the BN4xx
 rules (:mod:`bncheck.rules_data`) turn the figures into findings.
@@ -31,8 +31,12 @@ from bncheck.mismatch import LayerMismatch, channel_metrics, first_diverging, su
 from bncheck.numerics import Moments
 from bncheck.rules import all_rules, validate_codes
 from bncheck.rules_data import DATA_RULES, CheckThresholds, DataEvidence, run_data_rules
+from bncheck.wording import plural
 
 Progress = Callable[[int, "int | None"], None]
+# What the model's outputs are: "classify" (class scores: top-1 agreement is judged) or "other"
+# (an embedding, a feature map, boxes: the relative L2 alone).
+TASKS = ("classify", "other")
 MomentRunner = Callable[[Mapping[str, np.ndarray]], tuple[list[np.ndarray], dict[str, Moments]]]
 
 
@@ -67,7 +71,8 @@ class OutputDivergence:
     """Inference-mode outputs (a) against batch-statistics outputs (b), over every sample.
 
     ``rel_l2 = √Σ‖a − b‖² / √Σ‖a‖²`` over all outputs and batches; ``outputs`` the same per
-    output (name, figure); ``top1_agreement`` pooled over classifier-shaped outputs or None.
+    output (name, figure); ``top1_agreement`` pooled over the ``[N, classes > 1]`` outputs when
+    the task is ``classify``, else None.
     """
 
     rel_l2: float
@@ -86,6 +91,7 @@ class CheckResult:
     samples: int
     batches: int
     thresholds: CheckThresholds
+    task: str = "other"
     layers: list[LayerCheck] = field(default_factory=list)
     first_diverging: str | None = None
     divergence: OutputDivergence | None = None
@@ -108,9 +114,11 @@ class CheckResult:
 
 
 class _DivergenceSums:
-    """Streamed sums for :class:`OutputDivergence`: Σ(a − b)², Σa² per output, top-1 counts."""
+    """Streamed sums for :class:`OutputDivergence`: Σ(a − b)², Σa² per output, and with
+    ``classify`` the top-1 counts over ``[N, classes > 1]`` outputs."""
 
-    def __init__(self) -> None:
+    def __init__(self, classify: bool = False) -> None:
+        self.classify = classify
         self.num: list[float] = []
         self.den: list[float] = []
         self.agree = 0
@@ -128,7 +136,7 @@ class _DivergenceSums:
             d = a - b
             self.num[k] += float(np.einsum("i,i->", d.ravel(), d.ravel()))
             self.den[k] += float(np.einsum("i,i->", a.ravel(), a.ravel()))
-            if a.ndim == 2 and a.shape[1] > 1:
+            if self.classify and a.ndim == 2 and a.shape[1] > 1:
                 self.agree += int(np.count_nonzero(a.argmax(axis=1) == b.argmax(axis=1)))
                 self.rows += a.shape[0]
         self.samples += samples
@@ -198,6 +206,7 @@ def check(
     ignore: Sequence[str] | None = None,
     divergence: bool = True,
     seed: int = 0,
+    task: str | None = None,
     **open_options: Any,
 ) -> CheckResult:
     """Measure the train/test mismatch of every BN layer of ``model`` on ``data``.
@@ -209,14 +218,22 @@ def check(
     is ``first_diverging``. With ``divergence``, each batch of ≥ 2 samples also runs with
     batch statistics and the output distance is accumulated (:class:`OutputDivergence`).
 
-    ``data`` is a file ``open_data`` reads (.npy/.npz/.pt/images), or ``synthetic=True`` for
-    seeded N(0, 1) input; ``thresholds`` a :class:`CheckThresholds` or a ``[tool.bncheck]``
-    style table; ``progress(done, total)`` is called after every batch.
+    ``data`` is what ``open_data`` reads (a file, a folder of images, a ``DataSpec``, a data
+    hook), or ``synthetic=True`` for seeded N(0, 1) input; ``thresholds`` a
+    :class:`CheckThresholds` or a ``[tool.bncheck]`` style table; ``progress(done, total)`` is
+    called after every batch. ``task`` says what the outputs are: ``classify`` (class scores,
+    so top-1 agreement is judged too) or ``other`` (the default: the relative L2 alone).
+
+    A model without BN layers has nothing to check: the data is opened (so bad data is still an
+    error) but not run, and the result has no layers and no findings.
     """
     from bncheck.data import open_data
 
     validate_codes([*(select or []), *(ignore or [])], [*all_rules(), *DATA_RULES])
     th = _thresholds(thresholds)
+    task = task or "other"
+    if task not in TASKS:
+        raise InputError(f"--task {task!r}: choose {' or '.join(TASKS)}")
     # The CLI's shared open options carry input_shapes too; data needs them as well.
     input_shapes = input_shapes or open_options.pop("input_shapes", None)
     open_options.pop("input_shapes", None)
@@ -236,19 +253,20 @@ def check(
         seed=seed,
         input_shapes=input_shapes,
     )
+    # A data hook's sample count is known after its pass: counting first would read it twice.
+    sized = source.sized or not info.bn_layers
     result = CheckResult(
         info=info,
         data=source.description,
         synthetic=source.synthetic,
-        samples=source.num_samples,
-        batches=source.num_batches,
+        samples=source.num_samples if sized else 0,
+        batches=source.num_batches if sized else 0,
         thresholds=th,
+        task=task,
         notes=list(source.notes),
     )
     if not info.bn_layers:
-        result.notes.append("no BatchNorm layers: nothing to check")
-        result.findings = run_data_rules(_evidence(result), select=select, ignore=ignore)
-        return result
+        return result  # the data is checked (bad data is still an error), not run
 
     if info.training:
         result.notes.append(
@@ -256,6 +274,8 @@ def check(
             "normalize by batch statistics at inference, so the output comparison shows little"
         )
     acc = _stream(handle, source, divergence, progress, result)
+    result.data, result.samples = source.description, source.num_samples
+    result.batches = source.num_batches
     for index, layer in enumerate(info.bn_layers):
         lc = LayerCheck(layer=layer, index=index, skipped=_skip_reason(layer))
         mom = acc.get(layer.name)
@@ -291,9 +311,9 @@ def _stream(
     run_inf = moment_runner(handle, batch_stats=False)
     run_bs = moment_runner(handle, batch_stats=True) if divergence else None
     acc: dict[str, Moments] = {}
-    sums = _DivergenceSums()
+    sums = _DivergenceSums(classify=result.task == "classify")
     singles = 0
-    total = source.num_batches
+    total = source.num_batches if source.sized else None
     for done, batch in enumerate(source, start=1):
         outputs, moments = run_inf(batch)
         for name, m in moments.items():
@@ -312,8 +332,8 @@ def _stream(
             progress(done, total)
     if singles:
         result.notes.append(
-            f"output divergence leaves out {singles} single-sample batch"
-            f"{'es' if singles > 1 else ''} (batch statistics need at least 2 samples)"
+            f"output divergence leaves out {plural(singles, 'single-sample batch')} "
+            "(batch statistics need at least 2 samples)"
         )
     if run_bs is not None:
         result.divergence = sums.result([t.name for t in result.info.outputs])
@@ -330,4 +350,5 @@ def _evidence(result: CheckResult) -> DataEvidence:
         top1_agreement=None if div is None else div.top1_agreement,
         synthetic=result.synthetic,
         samples=result.samples if div is None else div.samples,
+        names={x.name: x.origin for x in result.info.bn_layers},
     )

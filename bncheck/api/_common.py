@@ -44,7 +44,7 @@ def open_model(
 def as_handle(
     model: str | os.PathLike[str] | ModelHandle,
     *,
-    data: str | os.PathLike[str] | None = None,
+    data: Any = None,
     **open_options: Any,
 ) -> ModelHandle:
     """A handle as is, or a path opened with ``open_options``; with ``data``, a model that
@@ -55,22 +55,30 @@ def as_handle(
     return handle
 
 
-def use_data_shapes(handle: ModelHandle, data: str | os.PathLike[str], **data_options: Any) -> None:
+def use_data_shapes(handle: ModelHandle, data: Any) -> None:
     """Give a PyTorch model that has no ``--input-shape`` the shape of its ``data`` samples,
     before anything is traced: the order is --input-shape, the data, the factory's
-    ``example_input_shape``, a guess. Data that cannot be read is left for ``open_data`` to
-    report with the model's inputs at hand."""
+    ``example_input_shape``, a guess. ``data`` is a path or a ``DataSpec`` (image options
+    apply); data that cannot be read is left for ``open_data`` to report with the model's
+    inputs at hand."""
     take = getattr(handle, "use_data_shapes", None)
     if take is None:  # an ONNX model carries its own shapes
         return
-    from bncheck.data import sample_shapes
+    from bncheck.data.source import sample_shapes
 
     try:
-        shapes = sample_shapes(data, handle.input_names, **data_options)  # type: ignore[attr-defined]
+        shapes = sample_shapes(data, handle.input_names)  # type: ignore[attr-defined]
     except InputError:
         return
     # Dim 0 is the batch, traced dynamic; 2 samples keep export from specializing it.
     take({name: (2, *shape) for name, shape in shapes.items()})
+
+
+def is_folder(path: str | os.PathLike[str]) -> bool:
+    """True for an existing folder, or a path written as one (ending in a slash): an output
+    path the user meant as a place to put a file, not the file's name."""
+    text = os.fspath(path)
+    return Path(text).is_dir() or text.endswith(("/", os.sep))
 
 
 def check_output_path(
@@ -88,10 +96,13 @@ def check_output_path(
     if output is None:
         return None
     out = Path(output)
+    if is_folder(output):
+        example = out / f"{Path(handle.path).stem}{allowed[0] if allowed else ''}"
+        raise InputError(
+            f"{os.fspath(output)}: is a folder, not a file name; give one, e.g. {example}"
+        )
     if allowed and out.suffix.lower() not in allowed:
         raise InputError(f"{out}: the output must end in {' or '.join(allowed)}")
-    if out.is_dir():
-        raise InputError(f"{out}: is a folder; give a file name")
     if not out.parent.resolve().is_dir():
         raise InputError(f"{out}: folder {out.parent} does not exist")
     if not os.access(out.parent.resolve(), os.W_OK):

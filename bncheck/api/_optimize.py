@@ -8,7 +8,7 @@ user gets.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,9 @@ from bncheck.api._common import as_handle, check_output_path, open_model
 from bncheck.api._fold import FoldResult, _allowed_suffixes, fold
 from bncheck.api._inspect import InspectResult, inspect
 from bncheck.backends import ModelHandle
+from bncheck.errors import InputError
 from bncheck.layers import Finding
+from bncheck.rules_data import RecalibrateThresholds
 
 #: Default latency budget (seconds per engine and batch size): enough for the interleaved
 #: comparison of a small model, short enough that ``make demo`` stays quick.
@@ -31,7 +33,7 @@ class OptimizeResult:
     """Every stage's result; a stage that did not run is None and says why in ``notes``."""
 
     before: InspectResult
-    fold: FoldResult
+    fold: FoldResult | None  # None when the recalibration was refused (BN405): nothing folded
     recalibration: Any | None = None  # RecalibrateResult
     bench: BenchResult | None = None
     after: InspectResult | None = None
@@ -41,12 +43,19 @@ class OptimizeResult:
     @property
     def passed(self) -> bool:
         """The fold's verification passed (or was not asked for)."""
-        return self.fold.passed
+        return self.fold is not None and self.fold.passed
+
+    @property
+    def refused(self) -> bool:
+        """The recalibration lowered accuracy (BN405) and was not forced: nothing written."""
+        return self.recalibration is not None and self.recalibration.refused
 
     @property
     def findings(self) -> list[Finding]:
-        """The findings that remain: on the written model, else on the input."""
-        return (self.after or self.before).findings
+        """The recalibration's findings, then those that remain: on the written model, else
+        on the input."""
+        recal = self.recalibration.findings if self.recalibration is not None else []
+        return [*recal, *(self.after or self.before).findings]
 
 
 def _recalibrate(
@@ -54,8 +63,11 @@ def _recalibrate(
     data: str | os.PathLike[str],
     batch_size: int,
     notes: list[str],
-    input_shapes: dict[str, tuple[int, ...]] | None,
+    **guard: Any,
 ) -> tuple[Any | None, ModelHandle]:
+    """Recalibrate in memory; ``guard`` (labels, force, thresholds; input_shapes) judges the
+    result as ``recalibrate`` does, and a refused one (BN405) is returned with the input's
+    handle."""
     from bncheck import api
 
     recalibrate = getattr(api, "recalibrate", None)
@@ -68,8 +80,8 @@ def _recalibrate(
     ):
         notes.append("recalibration skipped: no BN layer has running statistics")
         return None, handle
-    result = recalibrate(handle, None, data=data, batch_size=batch_size, input_shapes=input_shapes)
-    return result, result.handle
+    result = recalibrate(handle, None, data=data, batch_size=batch_size, **guard)
+    return result, handle if result.refused else result.handle
 
 
 def optimize(
@@ -78,6 +90,9 @@ def optimize(
     *,
     data: str | os.PathLike[str] | None = None,
     calib_batch_size: int = 32,
+    labels: str | os.PathLike[str] | None = None,
+    force: bool = False,
+    thresholds: RecalibrateThresholds | Mapping[str, Any] | None = None,
     affine: bool = False,
     verify: bool = True,
     run_bench: bool = True,
@@ -95,15 +110,16 @@ def optimize(
     """Make ``model`` as fast as its BN layers allow and prove nothing else changed.
 
     1. ``inspect`` the input; 2. with ``data``, ``recalibrate`` (exact population statistics,
-    batches of ``calib_batch_size``) in memory; 3. ``fold`` that model into ``output``,
-    verified on ``data`` (or seeded random input): nothing is written when verification
-    fails, and the later stages are skipped; 4. ``bench`` the input against the written model
-    on the same engine (interleaved, ratio with its 95% CI); 5. ``inspect`` the written model
-    for the findings that remain. ``open_options`` (``input_shapes``, ``dynamic_dims``, …)
-    reach every step.
+    batches of ``calib_batch_size``) in memory, judged as ``recalibrate`` judges it (with
+    ``labels``, accuracy must not fall by more than ``thresholds``' accuracy-drop): a refused
+    recalibration (BN405, without ``force``) stops here and nothing is written; 3. ``fold``
+    that model into ``output``, verified on ``data`` (or seeded random input): nothing is
+    written when verification fails, and the later stages are skipped; 4. ``bench`` the input
+    against the written model on the same engine (interleaved, ratio with its 95% CI);
+    5. ``inspect`` the written model for the findings that remain.
     """
     handle = as_handle(model, data=data, **open_options)
-    shapes = open_options.get("input_shapes")
+    shapes = open_options.get("input_shapes")  # every step gets them
     out = check_output_path(handle, output, in_place=in_place, allowed=_allowed_suffixes(handle))
     assert out is not None
     if run_bench:
@@ -112,10 +128,16 @@ def optimize(
     before = inspect(handle, select=select, ignore=ignore)
     recal = None
     work = handle
+    if labels is not None and data is None:
+        raise InputError("--labels needs --data: accuracy is measured on the recalibration data")
     if data is not None:
-        recal, work = _recalibrate(handle, data, calib_batch_size, notes, shapes)
+        guard = {"labels": labels, "force": force, "thresholds": thresholds, "input_shapes": shapes}
+        recal, work = _recalibrate(handle, data, calib_batch_size, notes, **guard)
     else:
         notes.append("recalibration skipped: no --data")
+    if recal is not None and recal.refused:
+        notes.append("nothing written: recalibration lowered accuracy (BN405; --force writes it)")
+        return OptimizeResult(before=before, fold=None, recalibration=recal, notes=notes)
     folded = fold(
         work, out, data=data, verify=verify, affine=affine, in_place=in_place, input_shapes=shapes
     )

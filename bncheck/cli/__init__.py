@@ -29,27 +29,42 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    rich_markup_mode="rich",
+    # Help text is plain text: rich markup would eat every bracketed word
+    # ("[tool.bncheck.thresholds]", "bncheck[report]") and show flags with a <bool> metavar.
+    rich_markup_mode=None,
+    context_settings={"max_content_width": 100},
 )
 
 FAIL_ON = ("error", "warning", "info", "never")
 
 # ---- shared option types ------------------------------------------------------------------
-FormatOpt = Annotated[str | None, typer.Option("--format", help="text | json | github | markdown")]
+FormatOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--format",
+        metavar="<format>",
+        help="text | json | github | markdown (inspect also: sarif | junit)",
+    ),
+]
 FailOnOpt = Annotated[
     str | None,
     typer.Option(
-        "--fail-on", help="exit 1 on findings at or above: error | warning | info | never"
+        "--fail-on",
+        metavar="<severity>",
+        help="exit 1 on findings at or above: error | warning | info | never",
     ),
 ]
 SelectOpt = Annotated[
     list[str] | None,
     typer.Option(
-        "--select", help="only these rule codes or prefixes (comma-separated or repeated)"
+        "--select",
+        metavar="<codes>",
+        help="only these rule codes or prefixes (comma-separated or repeated)",
     ),
 ]
 IgnoreOpt = Annotated[
-    list[str] | None, typer.Option("--ignore", help="skip these rule codes or prefixes")
+    list[str] | None,
+    typer.Option("--ignore", metavar="<codes>", help="skip these rule codes or prefixes"),
 ]
 ArchOpt = Annotated[
     str | None,
@@ -69,7 +84,9 @@ TrustOpt = Annotated[
 ShapeOpt = Annotated[
     list[str] | None,
     typer.Option(
-        "--input-shape", help="input shape 1,3,224,224, or name=1,3,224,224 per input (repeat)"
+        "--input-shape",
+        metavar="<shape>",
+        help="input shape 1,3,224,224, or name=1,3,224,224 per input (repeat)",
     ),
 ]
 DynamicDimsOpt = Annotated[
@@ -89,6 +106,40 @@ CheckpointKeyOpt = Annotated[
 InPlaceOpt = Annotated[bool, typer.Option("--in-place", help="allow -o to overwrite the input")]
 MaxBatchesOpt = Annotated[
     int | None, typer.Option("--max-batches", help="use at most this many batches")
+]
+DataOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--data",
+        help="data: .npy, .npz, .pt, an image or a folder of images, or pkg.module:function "
+        "(your own code yielding batches; named here only, never from pyproject.toml)",
+    ),
+]
+DataKwargsOpt = Annotated[
+    str | None,
+    typer.Option("--data-kwargs", help="JSON object of keyword arguments for a --data function"),
+]
+# Image preprocessing (a folder of images); defaults from [tool.bncheck.data].
+ResizeOpt = Annotated[
+    int | None,
+    typer.Option("--resize", help="images: shorter side to N, bilinear (torchvision Resize(N))"),
+]
+CropOpt = Annotated[
+    str | None, typer.Option("--crop", help="images: centre crop N, or H,W (after --resize)")
+]
+MeanOpt = Annotated[
+    str | None, typer.Option("--mean", help="images: per-channel mean a,b,c (after --scale)")
+]
+StdOpt = Annotated[str | None, typer.Option("--std", help="images: per-channel std a,b,c")]
+ScaleOpt = Annotated[
+    float | None, typer.Option("--scale", help="images: divide pixels by this (default 255)")
+]
+ChannelOrderOpt = Annotated[
+    str | None, typer.Option("--channel-order", help="images: rgb (default) | bgr (OpenCV)")
+]
+LayoutOpt = Annotated[
+    str | None,
+    typer.Option("--layout", help="images: nchw | nhwc (default: as the model input wants)"),
 ]
 VerboseOpt = Annotated[bool, typer.Option("-v", "--verbose", help="more detail; tracebacks")]
 QuietOpt = Annotated[bool, typer.Option("-q", "--quiet", help="only the summary line")]
@@ -178,26 +229,23 @@ def common(
     verbose: bool,
     quiet: bool,
     *,
+    formats: tuple[str, ...] = ("text", "json", "github", "markdown"),
     checkpoint_key: str | None = None,
     dynamic_dims: list[str] | None = None,
 ) -> Common:
     cfg = load_config()
     for w in cfg.warnings:
         print(f"bncheck: warning: {w}", file=sys.stderr)
+    if fmt is None and cfg.get("format") in ("sarif", "junit") and cfg.get("format") not in formats:
+        # `format = "sarif"` in the pyproject is meant for inspect; other commands print text.
+        fmt = "text"
     fmt = fmt or cfg.get("format", "text")
-    if fmt not in ("text", "json", "github", "markdown"):
-        raise InputError(f"--format {fmt!r}: choose text, json, github or markdown")
+    if fmt not in formats:
+        raise InputError(f"--format {fmt!r}: choose {', '.join(formats[:-1])} or {formats[-1]}")
     fail_on = fail_on or cfg.get("fail-on", "error")
     if fail_on not in FAIL_ON:
         raise InputError(f"--fail-on {fail_on!r}: choose one of {', '.join(FAIL_ON)}")
-    kwargs = None
-    if arch_kwargs:
-        try:
-            kwargs = json.loads(arch_kwargs)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"--arch-kwargs is not valid JSON ({exc.msg})") from None
-        if not isinstance(kwargs, dict):
-            raise InputError("--arch-kwargs must be a JSON object")
+    kwargs = json_object(arch_kwargs, "--arch-kwargs")
     shapes = parse_input_shapes(input_shape) or parse_input_shapes(cfg.get("input-shape"))
     loading: dict[str, Any] = {}  # only when given: not every api function takes them
     if checkpoint_key:
@@ -210,7 +258,8 @@ def common(
         select=_split(select) or list(cfg.get("select", [])),
         ignore=_split(ignore) or list(cfg.get("ignore", [])),
         open_options={
-            "arch": arch or cfg.get("arch"),
+            # A per-path table (`arch = {"glob" = "factory"}`) is resolved per model by inspect.
+            "arch": arch or (cfg.get("arch") if isinstance(cfg.get("arch"), str) else None),
             "arch_kwargs": kwargs,
             "trust_pickle": trust_pickle or _env_trust(),
             "input_shapes": shapes,
@@ -219,6 +268,59 @@ def common(
         verbose=verbose,
         quiet=quiet,
         config=cfg,
+    )
+
+
+def json_object(text: str | None, option: str) -> dict[str, Any] | None:
+    """``text`` parsed as a JSON object (keyword arguments), None when not given."""
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{option} is not valid JSON ({exc.msg})") from None
+    if not isinstance(value, dict):
+        raise InputError(f"{option} must be a JSON object")
+    return value
+
+
+# The command parameters data_spec() reads, with the option each one is.
+DATA_PARAMS = {
+    "resize": "--resize",
+    "crop": "--crop",
+    "mean": "--mean",
+    "std": "--std",
+    "scale": "--scale",
+    "channel_order": "--channel-order",
+    "layout": "--layout",
+}
+
+
+def data_spec(params: dict[str, Any], cfg: Config) -> Any:
+    """``--data`` and its options as a ``bncheck.data.DataSpec`` (None without ``--data``).
+
+    ``params`` are the command's parameters (its ``locals()``): ``data``, ``data_kwargs``,
+    those of ``DATA_PARAMS`` and, where the command has it, ``max_samples``. Image options:
+    command line > ``[tool.bncheck.data]`` > defaults; those given on the command line are
+    refused for data they do not apply to (an .npy, a hook)."""
+    from bncheck.data import DataSpec
+    from bncheck.data.options import image_options
+
+    given = {option: params.get(name) for name, option in DATA_PARAMS.items()}
+    explicit = frozenset(k for k, v in given.items() if v is not None)
+    data, data_kwargs = params.get("data"), params.get("data_kwargs")
+    if data is None:
+        if explicit or data_kwargs:
+            first = sorted(explicit)[0] if explicit else "--data-kwargs"
+            raise InputError(f"{first} applies to --data, which is not given")
+        return None
+    where = f"{cfg.source or 'pyproject.toml'}: [tool.bncheck.data]"
+    return DataSpec(
+        data,
+        images=image_options(given, cfg.get("data") or {}, where),
+        kwargs=json_object(data_kwargs, "--data-kwargs"),
+        max_samples=params.get("max_samples"),
+        explicit=explicit,
     )
 
 

@@ -30,7 +30,11 @@ ThreadsOpt = Annotated[
 ]
 BatchOpt = Annotated[
     list[str] | None,
-    typer.Option("--batch-size", help="batch size; several (1,8 or repeated) give one row each"),
+    typer.Option(
+        "--batch-size",
+        metavar="<sizes>",
+        help="batch size; several (1,8 or repeated) give one row each",
+    ),
 ]
 BudgetOpt = Annotated[
     float | None,

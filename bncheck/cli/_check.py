@@ -11,18 +11,28 @@ import typer
 from bncheck.cli import (
     ArchKwargsOpt,
     ArchOpt,
+    ChannelOrderOpt,
     CheckpointKeyOpt,
+    CropOpt,
+    DataKwargsOpt,
+    DataOpt,
     FailOnOpt,
     FormatOpt,
     IgnoreOpt,
+    LayoutOpt,
     MaxBatchesOpt,
+    MeanOpt,
     QuietOpt,
+    ResizeOpt,
+    ScaleOpt,
     SelectOpt,
     ShapeOpt,
+    StdOpt,
     TrustOpt,
     VerboseOpt,
     app,
     common,
+    data_spec,
     exit_code_for,
     progress_bar,
     render,
@@ -34,10 +44,15 @@ def check(
     model: Annotated[
         Path, typer.Argument(help="model file: .onnx, .pt2, .pt/.pth/.bin, .safetensors")
     ],
-    data: Annotated[
-        Path | None,
-        typer.Option("--data", help="data file: .npy, .npz, .pt, an image or a folder of images"),
-    ] = None,
+    data: DataOpt = None,
+    data_kwargs: DataKwargsOpt = None,
+    resize: ResizeOpt = None,
+    crop: CropOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    scale: ScaleOpt = None,
+    channel_order: ChannelOrderOpt = None,
+    layout: LayoutOpt = None,
     synthetic: Annotated[
         bool,
         typer.Option("--synthetic", help="seeded N(0, 1) input instead of data (pipeline test)"),
@@ -48,9 +63,20 @@ def check(
     ] = None,
     max_batches: MaxBatchesOpt = None,
     report: Annotated[
-        Path | None,
+        str | None,  # not Path: Path("out/") drops the slash that says "a folder"
         typer.Option(
-            "--report", help="also write a self-contained HTML page with charts (bncheck[report])"
+            "--report",
+            metavar="<path>",
+            help="also write a self-contained HTML page with charts (bncheck[report])",
+        ),
+    ] = None,
+    task: Annotated[
+        str | None,
+        typer.Option(
+            "--task",
+            metavar="<task>",
+            help="what the outputs are: classify (class scores: top-1 agreement is judged too) "
+            "| other (relative L2 alone; the default). Also task in [tool.bncheck]",
         ),
     ] = None,
     fmt: FormatOpt = None,
@@ -71,6 +97,7 @@ def check(
     Thresholds come from [tool.bncheck.thresholds]: kl, max-share, output-rel-l2,
     top1-agreement.
     """
+    params = dict(locals())  # for data_spec(): --data and its options
     from bncheck.api._check import check as run_check
     from bncheck.report import check as rep
     from bncheck.rules_data import CheckThresholds
@@ -85,13 +112,14 @@ def check(
         from bncheck.report import check_html
 
         check_html.check_report_path(report)  # fail before the work, not after it
+    spec = data_spec(params, opts.config)
     open_options = dict(opts.open_options)
     input_shapes = open_options.pop("input_shapes", None)
     show_bar = opts.format == "text" and not opts.quiet and sys.stderr.isatty()
     with progress_bar(show_bar, "checking") as progress:
         result = run_check(
             model,
-            data=data,
+            data=spec,
             synthetic=synthetic,
             batch_size=batch_size,
             max_samples=max_samples,
@@ -101,11 +129,12 @@ def check(
             progress=progress,
             select=opts.select,
             ignore=opts.ignore,
+            task=task or opts.config.get("task"),
             **open_options,
         )
     if report is not None:
         written = check_html.write_html(result, report)
         if not opts.quiet:
             print(f"bncheck: wrote {written}", file=sys.stderr)
-    render(rep, result, opts, verbose=opts.verbose)
+    render(rep, result, opts, verbose=opts.verbose, show_info=bool(opts.select))
     raise typer.Exit(exit_code_for(result.findings, opts.fail_on))

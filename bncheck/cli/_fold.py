@@ -29,8 +29,13 @@ from bncheck.errors import ExitCode
 def fold(
     model: Annotated[Path, typer.Argument(help="model file to fold")],
     output: Annotated[
-        Path | None,
-        typer.Option("-o", "--output", help="where to write: .onnx, or .pt2 for PyTorch models"),
+        str | None,  # not Path: Path("out/") drops the slash that says "a folder"
+        typer.Option(
+            "-o",
+            "--output",
+            metavar="<path>",
+            help="where to write: .onnx, or .pt2 for PyTorch models",
+        ),
     ] = None,
     data: Annotated[
         Path | None,

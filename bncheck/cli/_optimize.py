@@ -11,19 +11,29 @@ import typer
 from bncheck.cli import (
     ArchKwargsOpt,
     ArchOpt,
+    ChannelOrderOpt,
     CheckpointKeyOpt,
+    CropOpt,
+    DataKwargsOpt,
+    DataOpt,
     DynamicDimsOpt,
     FailOnOpt,
     FormatOpt,
     IgnoreOpt,
     InPlaceOpt,
+    LayoutOpt,
+    MeanOpt,
     QuietOpt,
+    ResizeOpt,
+    ScaleOpt,
     SelectOpt,
     ShapeOpt,
+    StdOpt,
     TrustOpt,
     VerboseOpt,
     app,
     common,
+    data_spec,
     exit_code_for,
     progress_bar,
     render,
@@ -31,7 +41,6 @@ from bncheck.cli import (
 from bncheck.cli._bench import (
     BatchOpt,
     DeviceOpt,
-    RoundsOpt,
     ThreadsOpt,
     parse_batch_sizes,
 )
@@ -42,16 +51,38 @@ from bncheck.errors import ExitCode
 def optimize(
     model: Annotated[Path, typer.Argument(help="model file to optimize")],
     output: Annotated[
-        Path,
-        typer.Option("-o", "--output", help="where to write: .onnx, or .pt2 for PyTorch models"),
+        str,  # not Path: Path("out/") drops the slash that says "a folder"
+        typer.Option(
+            "-o",
+            "--output",
+            metavar="<path>",
+            help="where to write: .onnx, or .pt2 for PyTorch models",
+        ),
     ],
-    data: Annotated[
-        Path | None,
-        typer.Option("--data", help="recalibrate on this data first, and verify and time on it"),
+    data: DataOpt = None,
+    data_kwargs: DataKwargsOpt = None,
+    resize: ResizeOpt = None,
+    crop: CropOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    scale: ScaleOpt = None,
+    channel_order: ChannelOrderOpt = None,
+    layout: LayoutOpt = None,
+    max_samples: Annotated[
+        int | None,
+        typer.Option("--max-samples", help="use at most this many samples of --data (each pass)"),
     ] = None,
     calib_batch_size: Annotated[
         int, typer.Option("--calib-batch-size", help="batch size of the recalibration passes")
     ] = 32,
+    labels: Annotated[
+        Path | None,
+        typer.Option("--labels", help=".npy of class indices for --data: accuracy before/after"),
+    ] = None,
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="keep a recalibration that lowered accuracy (BN405 stays)"),
+    ] = False,
     affine: Annotated[
         bool, typer.Option("--affine", help="turn BNs that cannot fold into a scale and shift")
     ] = False,
@@ -64,7 +95,14 @@ def optimize(
     time_budget: Annotated[
         float, typer.Option("--time-budget", help="seconds of timed calls per model")
     ] = 0.5,
-    rounds: RoundsOpt = None,
+    rounds: Annotated[
+        int | None,
+        typer.Option(
+            "--rounds",
+            help="interleaved rounds of the input and the optimized model in the latency "
+            "comparison (default 20)",
+        ),
+    ] = None,
     in_place: InPlaceOpt = False,
     fmt: FormatOpt = None,
     fail_on: FailOnOpt = None,
@@ -81,23 +119,33 @@ def optimize(
 ) -> None:
     """Recalibrate (with --data), fold, verify, and time the result against the input.
 
-    Exit 1, and no file written, when the folded model does not compute the same outputs;
-    otherwise by --fail-on on the findings that remain in the written model.
+    Exit 1, and no file written, when the folded model does not compute the same outputs,
+    or when recalibration lowered accuracy on --data with --labels (BN405, unless --force);
+    otherwise by --fail-on on the recalibration's findings and those that remain in the
+    written model.
     """
+    params = dict(locals())  # for data_spec(): --data and its options
     from bncheck.api._optimize import optimize as run_optimize
     from bncheck.report import optimize as rep
+    from bncheck.rules_data import RecalibrateThresholds
 
     opts = common(
         fmt, fail_on, select, ignore, arch, arch_kwargs, trust_pickle, input_shape, verbose, quiet,
         checkpoint_key=checkpoint_key, dynamic_dims=dynamic_dims,
     )  # fmt: skip
+    where = f"{opts.config.source or 'pyproject.toml'}: [tool.bncheck.thresholds]"
+    thresholds = RecalibrateThresholds.from_mapping(opts.config.get("thresholds"), source=where)
+    spec = data_spec(params, opts.config)
     show_bar = opts.format == "text" and not opts.quiet and sys.stderr.isatty()
     with progress_bar(show_bar, "timing") as progress:
         result = run_optimize(
             model,
             output,
-            data=data,
+            data=spec,
             calib_batch_size=calib_batch_size,
+            labels=labels,
+            force=force,
+            thresholds=thresholds,
             affine=affine,
             run_bench=not no_bench,
             device=device,
@@ -112,6 +160,6 @@ def optimize(
             **opts.open_options,
         )
     render(rep, result, opts)
-    if not result.passed:
+    if result.refused or not result.passed:
         raise typer.Exit(ExitCode.FINDINGS)
     raise typer.Exit(exit_code_for(result.findings, opts.fail_on))

@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 
 from bncheck import __version__
-from bncheck.layers import Finding, Severity
+from bncheck.layers import Finding, ModelInfo, Severity
+from bncheck.wording import plural
 
 FORMATS = ("text", "json", "github", "markdown")
 
@@ -45,11 +46,29 @@ def dump_json(schema: str, payload: dict[str, Any]) -> str:
     return json.dumps(jsonable(doc), indent=2, sort_keys=False)
 
 
-def finding_dict(f: Finding) -> dict[str, Any]:
+def origins(info: ModelInfo) -> dict[str, str | None]:
+    """BN layer name (the node name tools use) → the module path the exporter recorded, or
+    None where the file records none."""
+    return {x.name: x.origin for x in info.bn_layers}
+
+
+def layer_label(name: str | None, names: dict[str, str | None] | None = None) -> str:
+    """The name a person knows a layer by: its module path where the file records one (torch's
+    exporter names ONNX nodes ``node__native_batch_norm_legit_no_training__0``), else its
+    name; ``model`` for a model-level finding."""
+    if name is None:
+        return "model"
+    return (names or {}).get(name) or name
+
+
+def finding_dict(f: Finding, names: dict[str, str | None] | None = None) -> dict[str, Any]:
+    """A finding for json: ``layer`` is the node name tools use, ``origin`` the module path
+    the exporter recorded (None where there is none)."""
     return {
         "code": f.code,
         "severity": f.severity.value,
         "layer": f.layer,
+        "origin": None if f.layer is None else (names or {}).get(f.layer),
         "message": f.message,
         "hint": f.hint,
     }
@@ -63,11 +82,14 @@ def _gh_escape(text: str, *, prop: bool = False) -> str:
     return text
 
 
-def github_lines(path: str, findings: Iterable[Finding]) -> list[str]:
-    """One ``::error``/``::warning``/``::notice`` workflow command per finding."""
+def github_lines(
+    path: str, findings: Iterable[Finding], names: dict[str, str | None] | None = None
+) -> list[str]:
+    """One ``::error``/``::warning``/``::notice`` workflow command per finding; layers by
+    :func:`layer_label`."""
     lines = []
     for f in findings:
-        where = f" ({f.layer})" if f.layer else ""
+        where = f" ({layer_label(f.layer, names)})" if f.layer else ""
         title = _gh_escape(f"bncheck {f.code}{where}", prop=True)
         msg = _gh_escape(f"{f.message}. Fix: {f.hint}")
         lines.append(
@@ -88,9 +110,6 @@ def severity_counts(findings: Iterable[Finding]) -> dict[str, int]:
 
 
 def counts_text(counts: dict[str, int]) -> str:
-    def plural(n: int, word: str) -> str:
-        return f"{n} {word}{'' if n == 1 else 's'}"
-
     return ", ".join(
         [
             plural(counts["error"], "error"),
@@ -100,8 +119,14 @@ def counts_text(counts: dict[str, int]) -> str:
     )
 
 
-def findings_markdown(findings: Iterable[Finding], *, hints: bool = True) -> list[str]:
-    """Markdown table rows for ``findings`` (with a leading blank line); empty when none."""
+def findings_markdown(
+    findings: Iterable[Finding],
+    *,
+    hints: bool = True,
+    names: dict[str, str | None] | None = None,
+) -> list[str]:
+    """Markdown table rows for ``findings`` (with a leading blank line); empty when none.
+    Layers by :func:`layer_label`."""
     findings = list(findings)
     if not findings:
         return []
@@ -110,15 +135,17 @@ def findings_markdown(findings: Iterable[Finding], *, hints: bool = True) -> lis
     else:
         lines = ["", "| severity | code | layer | message |", "|---|---|---|---|"]
     for f in findings:
-        row = f"| {f.severity.value} | {f.code} | {md_escape(f.layer or 'model')} | "
+        row = f"| {f.severity.value} | {f.code} | {md_escape(layer_label(f.layer, names))} | "
         row += f"{md_escape(f.message)} |"
         lines.append(row + (f" {md_escape(f.hint)} |" if hints else ""))
     return lines
 
 
-def print_findings(console: Any, findings: Iterable[Finding]) -> None:
-    """One line per finding on a rich console; each code's fix hint once, after its first
-    warning or error."""
+def print_findings(
+    console: Any, findings: Iterable[Finding], names: dict[str, str | None] | None = None
+) -> None:
+    """One line per finding on a rich console (layers by :func:`layer_label`); each code's
+    fix hint once, after its first warning or error."""
     from rich.text import Text
 
     hinted: set[str] = set()
@@ -127,7 +154,7 @@ def print_findings(console: Any, findings: Iterable[Finding]) -> None:
             Text.assemble(
                 (f"{f.severity.value:>7} ", SEVERITY_STYLE[f.severity]),
                 (f"{f.code} ", "bold"),
-                (f"{f.layer or 'model'}: ", "bold"),
+                (f"{layer_label(f.layer, names)}: ", "bold"),
                 f.message,
             )
         )

@@ -10,6 +10,7 @@ import math
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -22,10 +23,13 @@ from bncheck.report import (
     finding_dict,
     findings_markdown,
     github_lines,
+    layer_label,
     md_escape,
+    origins,
     print_findings,
     severity_counts,
 )
+from bncheck.wording import plural
 
 SCHEMA = "bncheck.check/1"
 BAR_WIDTH = 20
@@ -59,37 +63,50 @@ def _g(x: float | None) -> str:
 
 def divergence_line(result: CheckResult) -> str:
     d = result.divergence
+    if not result.layers:
+        return "outputs: not compared (the model has no BatchNorm layers)"
     if d is None:
         return "outputs: not compared (no batch of 2 or more samples, or comparison turned off)"
     top1 = "" if d.top1_agreement is None else f", top-1 agreement {d.top1_agreement:.1%}"
     return (
         f"outputs, running vs batch statistics: relative L2 {d.rel_l2:.3g}{top1} "
-        f"({d.samples} samples; threshold {result.thresholds.output_rel_l2:g})"
+        f"({plural(d.samples, 'sample')}; threshold {result.thresholds.output_rel_l2:g})"
     )
+
+
+def first_label(result: CheckResult) -> str | None:
+    """The first diverging layer by the name a person knows (:func:`layer_label`)."""
+    if result.first_diverging is None:
+        return None
+    return layer_label(result.first_diverging, origins(result.info))
 
 
 def first_line(result: CheckResult) -> str | None:
     if result.first_diverging is None:
         return None
     later = sum(1 for lc in result.over if lc.name != result.first_diverging)
+    verb = "diverges" if later == 1 else "diverge"
     inherit = (
-        f"; {later} later layer{'s' if later != 1 else ''} diverge too, largely inherited from it"
-        if later
-        else ""
+        f"; {plural(later, 'later layer')} {verb} too, largely inherited from it" if later else ""
     )
     return (
-        f"first diverging layer: {result.first_diverging} — later layers inherit its shift, "
+        f"first diverging layer: {first_label(result)} — later layers inherit its shift, "
         f"so start there{inherit}"
     )
 
 
+NO_BN = "the model has no BatchNorm layers: nothing to check"
+
+
 def summary_line(result: CheckResult) -> str:
+    if not result.layers:
+        return f"{result.info.path}: {NO_BN} · {counts_text(severity_counts(result.findings))}"
     over = len(result.over)
-    first = f"first diverging: {result.first_diverging}" if result.first_diverging else "none over"
+    first = f"first diverging: {first_label(result)}" if result.first_diverging else "none over"
     rel = "" if result.divergence is None else f" · output rel L2 {result.divergence.rel_l2:.3g}"
     return (
-        f"{result.info.path}: {len(result.measured)} of {len(result.layers)} BN layers checked "
-        f"on {result.samples} samples · {over} over threshold ({first}){rel} · "
+        f"{result.info.path}: {len(result.measured)} of {plural(len(result.layers), 'BN layer')} "
+        f"checked on {plural(result.samples, 'sample')} · {over} over threshold ({first}){rel} · "
         f"{counts_text(severity_counts(result.findings))}"
     )
 
@@ -99,6 +116,7 @@ def _layer_dict(lc: LayerCheck, first: str | None) -> dict[str, Any]:
     out: dict[str, Any] = {
         "index": lc.index,
         "name": lc.name,
+        "origin": lc.layer.origin,
         "kind": lc.layer.kind,
         "channels": lc.layer.channels,
         "eps": lc.layer.eps,
@@ -141,6 +159,7 @@ def to_json(result: CheckResult) -> str:
             "samples": result.samples,
             "batches": result.batches,
         },
+        "task": result.task,
         "thresholds": result.thresholds.to_dict(),
         "layers": [_layer_dict(lc, result.first_diverging) for lc in result.layers],
         "first_diverging": result.first_diverging,
@@ -152,7 +171,7 @@ def to_json(result: CheckResult) -> str:
             "top1_agreement": d.top1_agreement,
             "samples": d.samples,
         },
-        "findings": [finding_dict(f) for f in result.findings],
+        "findings": [finding_dict(f, origins(info)) for f in result.findings],
         "notes": result.notes,
         "summary": {
             "bn_layers": len(result.layers),
@@ -165,12 +184,17 @@ def to_json(result: CheckResult) -> str:
     return dump_json(SCHEMA, payload)
 
 
-def render_text(result: CheckResult, console: Console, *, verbose: bool = False) -> None:
+def render_text(
+    result: CheckResult, console: Console, *, verbose: bool = False, show_info: bool = False
+) -> None:
+    """The table, the output comparison, the findings, the summary. Info findings (and each
+    later diverging layer, BN404) are listed with ``verbose`` or ``show_info`` (rules chosen
+    with --select); otherwise counted."""
     info = result.info
     th = result.thresholds.layer
     scale = bar_scale(result)
     table = Table(
-        title=f"check {info.path}  [dim]({info.format}) on {result.data}",
+        title=f"check {escape(info.path)}  [dim]({info.format}) on {escape(result.data)}",
         title_justify="left",
         header_style="bold",
         caption=f"bar: layer score (KL of the channel at the {th.max_share:.0%} quantile), "
@@ -213,14 +237,14 @@ def render_text(result: CheckResult, console: Console, *, verbose: bool = False)
         )
     if result.layers:
         console.print(table)
-    console.print(divergence_line(result))
+        console.print(Text(divergence_line(result)))
     first = first_line(result)
     if first:
         console.print(Text(first, style="bold red"))
-    _render_findings(result, console, verbose=verbose)
+    _render_findings(result, console, verbose=verbose or show_info)
     for note in result.notes:
         console.print(Text(f"note: {note}", style="dim"))
-    console.print(summary_line(result), style="bold")
+    console.print(Text(summary_line(result), style="bold"))
 
 
 def _render_findings(result: CheckResult, console: Console, *, verbose: bool) -> None:
@@ -230,20 +254,22 @@ def _render_findings(result: CheckResult, console: Console, *, verbose: bool) ->
         for f in result.findings
         if verbose or (f.code != "BN404" and (f.severity != Severity.INFO or f.code == "BN403"))
     ]
-    print_findings(console, shown)
+    print_findings(console, shown, origins(result.info))
     if downstream and not verbose:
+        n = len(downstream)
         console.print(
             Text.assemble(
                 (f"{'warning':>7} ", SEVERITY_STYLE[Severity.WARNING]),
                 ("BN404 ", "bold"),
-                f"{len(downstream)} later layer{'s' if len(downstream) != 1 else ''} diverge "
-                "downstream of the first (likely inherited; -v lists them)",
+                f"{plural(n, 'later layer')} {'diverges' if n == 1 else 'diverge'} downstream "
+                "of the first (likely inherited; -v lists them)",
             )
         )
 
 
 def render_markdown(result: CheckResult) -> str:
     scale = bar_scale(result)
+    names = origins(result.info)
     lines = [f"### bncheck check: `{md_escape(result.info.path)}`", "", md_escape(result.data), ""]
     lines.append("| # | BN layer | ch | \\|shift\\| med | KL med | over | score | mismatch |")
     lines.append("|---:|---|---:|---:|---:|---:|---:|---|")
@@ -251,12 +277,14 @@ def render_markdown(result: CheckResult) -> str:
         m = lc.mismatch
         if m is None:
             lines.append(
-                f"| {lc.index} | `{md_escape(lc.name)}` | {lc.layer.channels} | — | — | — | — | "
+                f"| {lc.index} | `{md_escape(layer_label(lc.name, names))}` | "
+                f"{lc.layer.channels} | — | — | — | — | "
                 f"{md_escape(lc.skipped or 'not measured')} |"
             )
             continue
         mark = " **◀ first**" if lc.name == result.first_diverging else ""
-        name = f"**`{md_escape(lc.name)}`**" if m.over else f"`{md_escape(lc.name)}`"
+        label = md_escape(layer_label(lc.name, names))
+        name = f"**`{label}`**" if m.over else f"`{label}`"
         lines.append(
             f"| {lc.index} | {name} | {m.channels} | {_g(m.median_abs_mean_shift)} | "
             f"{_g(m.median_kl)} | {m.share_over:.0%} | {_g(m.score)} | "
@@ -266,7 +294,7 @@ def render_markdown(result: CheckResult) -> str:
     first = first_line(result)
     if first:
         lines += ["", f"**{md_escape(first)}**"]
-    lines += findings_markdown(result.findings)
+    lines += findings_markdown(result.findings, names=names)
     for note in result.notes:
         lines += ["", f"_note: {md_escape(note)}_"]
     lines += ["", f"**{md_escape(summary_line(result))}**", ""]
@@ -274,4 +302,5 @@ def render_markdown(result: CheckResult) -> str:
 
 
 def render_github(result: CheckResult) -> str:
-    return "\n".join([*github_lines(result.info.path, result.findings), summary_line(result)])
+    lines = github_lines(result.info.path, result.findings, origins(result.info))
+    return "\n".join([*lines, summary_line(result)])

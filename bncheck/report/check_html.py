@@ -21,8 +21,10 @@ from typing import Any
 import numpy as np
 
 from bncheck.api._check import CheckResult, LayerCheck
+from bncheck.api._common import is_folder
 from bncheck.atomic import temp_beside
 from bncheck.errors import InputError
+from bncheck.report import layer_label, origins
 from bncheck.report.check import divergence_line, first_line, summary_line
 
 WORST_LAYERS = 4  # histograms for this many layers with the highest scores
@@ -53,10 +55,12 @@ def require_matplotlib() -> None:
 def check_report_path(path: str | os.PathLike[str]) -> Path:
     """Refuse a report path that cannot be written, before any work is done."""
     out = Path(path)
+    if is_folder(path):
+        raise InputError(
+            f"{os.fspath(path)}: is a folder, not a file name; give one, e.g. {out / 'check.html'}"
+        )
     if out.suffix.lower() not in SUFFIXES:
         raise InputError(f"{out}: the report must end in .html")
-    if out.is_dir():
-        raise InputError(f"{out}: is a folder; give a file name")
     parent = out.parent.resolve()
     if not parent.is_dir():
         raise InputError(f"{out}: folder {out.parent} does not exist")
@@ -93,7 +97,8 @@ def layer_chart(result: CheckResult) -> str:
     if not measured:
         return ""
     kl = result.thresholds.layer.kl
-    names = [lc.name for lc in measured]
+    known = origins(result.info)
+    names = [layer_label(lc.name, known) for lc in measured]
     floor = kl * 1e-3  # log axis: zero scores sit at the floor
     scores = [
         max(lc.mismatch.score, floor) if math.isfinite(lc.mismatch.score) else kl * 1e4
@@ -117,8 +122,9 @@ def layer_chart(result: CheckResult) -> str:
     ax.axvline(kl, color="#333", linestyle="--", linewidth=1)
     ax.text(kl, len(measured) - 0.4, f" threshold {kl:g}", fontsize=8, va="top")
     ax.set_xlabel("layer score: KL (nats) of the channel at the max-share quantile")
-    if result.first_diverging in names:
-        i = names.index(result.first_diverging)
+    nodes = [lc.name for lc in measured]
+    if result.first_diverging in nodes:
+        i = nodes.index(result.first_diverging)
         ax.annotate(
             "first diverging",
             (scores[i], i),
@@ -133,7 +139,8 @@ def layer_chart(result: CheckResult) -> str:
 
 
 def channel_histograms(lc: LayerCheck) -> str:
-    """Per-channel histograms of one layer: mean shift (running std) and ln variance ratio."""
+    """Per-channel histograms of one layer: mean shift (running std) and ln variance ratio;
+    titled with the layer's module path where the file records one."""
     if lc.metrics is None:
         return ""
     fig = _figure(9, 2.6)
@@ -153,7 +160,7 @@ def channel_histograms(lc: LayerCheck) -> str:
         ax.set_ylabel("channels", fontsize=9)
         if finite.size < vals.size:
             ax.set_title(f"{vals.size - finite.size} non-finite channels left out", fontsize=8)
-    fig.suptitle(lc.name, fontsize=10)
+    fig.suptitle(lc.layer.origin or lc.name, fontsize=10)
     return _svg(fig, f"layer{lc.index}")
 
 
@@ -172,11 +179,13 @@ def _table(result: CheckResult) -> str:
         "<th>over</th><th>score</th></tr>"
     )
     rows = [head]
+    known = origins(result.info)
     for lc in result.layers:
+        label = _esc(layer_label(lc.name, known))
         m = lc.mismatch
         if m is None:
             rows.append(
-                f"<tr><td>{lc.index}</td><td class=l>{_esc(lc.name)}</td>"
+                f"<tr><td>{lc.index}</td><td class=l>{label}</td>"
                 f"<td>{lc.layer.channels}</td><td class='l dim' colspan=7>"
                 f"{_esc(lc.skipped or 'not measured')}</td></tr>"
             )
@@ -185,7 +194,7 @@ def _table(result: CheckResult) -> str:
             c for c, on in (("over", m.over), ("first", lc.name == result.first_diverging)) if on
         )
         rows.append(
-            f"<tr class='{cls}'><td>{lc.index}</td><td class=l>{_esc(lc.name)}</td>"
+            f"<tr class='{cls}'><td>{lc.index}</td><td class=l>{label}</td>"
             f"<td>{m.channels}</td><td>{_num(m.median_abs_mean_shift)}</td>"
             f"<td>{_num(m.max_abs_mean_shift)}</td><td>{_num(m.median_abs_log_var_ratio)}</td>"
             f"<td>{_num(m.median_kl)}</td><td>{_num(m.max_kl)}</td>"
@@ -214,10 +223,11 @@ def render_html(result: CheckResult) -> str:
     parts += ["<h2>Figures per layer</h2>", _table(result)]
     if result.findings:
         parts.append("<h2>Findings</h2><ul>")
+        known = origins(result.info)
         for f in result.findings:
             parts.append(
                 f"<li><span class={f.severity.value}>{f.severity.value}</span> "
-                f"<b>{_esc(f.code)}</b> {_esc(f.layer or 'model')}: {_esc(f.message)}"
+                f"<b>{_esc(f.code)}</b> {_esc(layer_label(f.layer, known))}: {_esc(f.message)}"
                 f"<br><span class=dim>fix: {_esc(f.hint)}</span></li>"
             )
         parts.append("</ul>")

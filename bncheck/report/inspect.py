@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -19,9 +20,11 @@ from bncheck.report import (
     findings_markdown,
     github_lines,
     md_escape,
+    origins,
     print_findings,
     severity_counts,
 )
+from bncheck.wording import plural
 
 SCHEMA = "bncheck.inspect/1"
 
@@ -87,9 +90,10 @@ def layer_dict(layer: BNLayer) -> dict[str, Any]:
     }
 
 
-def to_json(result: InspectResult) -> str:
+def payload(result: InspectResult) -> dict[str, Any]:
+    """The body of a ``bncheck.inspect/1`` document (also one model's entry in ``/2``)."""
     info = result.info
-    payload = {
+    return {
         "model": {
             "path": info.path,
             "format": info.format,
@@ -111,7 +115,7 @@ def to_json(result: InspectResult) -> str:
             {"name": n.name, "kind": n.kind, "shape": n.shape, "eps": n.eps, "affine": n.affine}
             for n in info.norm_layers
         ],
-        "findings": [finding_dict(f) for f in result.findings],
+        "findings": [finding_dict(f, origins(info)) for f in result.findings],
         "notes": result.notes,
         "summary": {
             "bn_layers": len(info.bn_layers),
@@ -120,25 +124,33 @@ def to_json(result: InspectResult) -> str:
             **severity_counts(result.findings),
         },
     }
-    return dump_json(SCHEMA, payload)
+
+
+def to_json(result: InspectResult) -> str:
+    return dump_json(SCHEMA, payload(result))
 
 
 def summary_line(result: InspectResult) -> str:
     info = result.info
     foldable = sum(1 for layer in info.bn_layers if layer.fold.foldable)
     return (
-        f"{info.path}: {len(info.bn_layers)} BN layers ({foldable} foldable), "
-        f"{len(info.norm_layers)} other norms · {counts_text(severity_counts(result.findings))}"
+        f"{info.path}: {plural(len(info.bn_layers), 'BN layer')} ({foldable} foldable), "
+        f"{plural(len(info.norm_layers), 'other norm')} · "
+        f"{counts_text(severity_counts(result.findings))}"
     )
 
 
-def render_text(result: InspectResult, console: Console, *, verbose: bool = False) -> None:
+def render_text(
+    result: InspectResult, console: Console, *, verbose: bool = False, show_info: bool = False
+) -> None:
+    """The layer table, the findings (info ones with ``verbose`` or ``show_info``, i.e. rules
+    chosen with --select; BN301 always), the summary."""
     info = result.info
     by_layer: dict[str | None, list] = {}
     for f in result.findings:
         by_layer.setdefault(f.layer, []).append(f)
 
-    title = f"{info.path}  [dim]({info.format}"
+    title = f"{escape(info.path)}  [dim]({info.format}"
     title += f", opset {info.opset})" if info.opset else ")"
     table = Table(title=title, title_justify="left", show_lines=False, header_style="bold")
     table.add_column("BN layer", overflow="fold")
@@ -166,7 +178,7 @@ def render_text(result: InspectResult, console: Console, *, verbose: bool = Fals
     if info.bn_layers:
         console.print(table)
     else:
-        console.print(f"[bold]{info.path}[/]: no BatchNorm layers")
+        console.print(Text(f"{info.path}: no BatchNorm layers", style="bold"))
 
     if info.norm_layers:
         norms = Table(title="other normalization layers", title_justify="left", header_style="bold")
@@ -177,12 +189,14 @@ def render_text(result: InspectResult, console: Console, *, verbose: bool = Fals
         console.print(norms)
 
     shown = [
-        f for f in result.findings if verbose or f.severity != Severity.INFO or f.code == "BN301"
+        f
+        for f in result.findings
+        if verbose or show_info or f.severity != Severity.INFO or f.code == "BN301"
     ]
-    print_findings(console, shown)
+    print_findings(console, shown, origins(info))
     for note in result.notes:
         console.print(Text(f"note: {note}", style="dim"))
-    console.print(summary_line(result), style="bold")
+    console.print(Text(summary_line(result), style="bold"))
 
 
 def render_markdown(result: InspectResult) -> str:
@@ -196,14 +210,23 @@ def render_markdown(result: InspectResult) -> str:
     for layer in info.bn_layers:
         fold = _fold_text(layer) if layer.fold.foldable else f"no: {layer.fold.reason}"
         lines.append(
-            f"| `{md_escape(layer.name)}` | {layer.kind} | {layer.channels} | "
+            f"| `{md_escape(layer.origin or layer.name)}` | {layer.kind} | {layer.channels} | "
             f"{md_escape(_producer_text(layer))} | {md_escape(fold)} | "
             f"{' '.join(codes.get(layer.name, []))} |"
         )
-    lines += findings_markdown(result.findings)
+    lines += findings_markdown(result.findings, names=origins(info))
     lines += ["", f"**{md_escape(summary_line(result))}**", ""]
     return "\n".join(lines)
 
 
 def render_github(result: InspectResult) -> str:
-    return "\n".join([*github_lines(result.info.path, result.findings), summary_line(result)])
+    lines = github_lines(result.info.path, result.findings, origins(result.info))
+    return "\n".join([*lines, summary_line(result)])
+
+
+def error_json(path: str, message: str, exit_code: int) -> str:
+    """The ``bncheck.inspect/1`` document of a model that could not be read: its path and the
+    error, so that a pipeline parsing stdout sees the failure (the same line goes to stderr)."""
+    return dump_json(
+        SCHEMA, {"model": {"path": path}, "error": {"message": message, "exit_code": exit_code}}
+    )

@@ -19,10 +19,12 @@ from bncheck.report import (
     findings_markdown,
     github_lines,
     md_escape,
+    print_findings,
     severity_counts,
 )
 from bncheck.report import bench as bench_rep
 from bncheck.report.fold import verification_line
+from bncheck.wording import plural
 
 SCHEMA = "bncheck.optimize/2"
 LABELS = ("original", "optimized")
@@ -54,7 +56,7 @@ def recal_line(result: OptimizeResult) -> str:
     if d["accuracy_before"] is not None and d["accuracy_after"] is not None:
         acc = f", accuracy {d['accuracy_before']:.1%} → {d['accuracy_after']:.1%}"
     return (
-        f"recalibrated {d['layers']} BN layers on {d['data']}: "
+        f"recalibrated {plural(d['layers'], 'BN layer')} on {d['data']}: "
         f"layers over the mismatch threshold {d['mismatched_before']} → "
         f"{d['mismatched_after']}{acc}"
     )
@@ -62,8 +64,10 @@ def recal_line(result: OptimizeResult) -> str:
 
 def fold_line(result: OptimizeResult) -> str:
     f = result.fold
+    if f is None:
+        return "fold skipped: the recalibration lowered accuracy (BN405)"
     return (
-        f"folded {f.folded_count} of {len(f.steps)} BN layers "
+        f"folded {f.folded_count} of {plural(len(f.steps), 'BN layer')} "
         f"(BN left: {len(f.folded.bn_layers)}; parameters {f.source.parameters:,} → "
         f"{f.folded.parameters:,})"
     )
@@ -71,6 +75,8 @@ def fold_line(result: OptimizeResult) -> str:
 
 def summary_line(result: OptimizeResult) -> str:
     src = result.before.info.path
+    if result.refused:
+        return f"{src}: recalibration lowered accuracy (BN405) · no file written"
     if not result.passed:
         return f"{src}: verification FAILED · no file written"
     parts = [f"{src} → {result.output}", fold_line(result).split(" (")[0]]
@@ -93,7 +99,9 @@ def to_json(result: OptimizeResult) -> str:
         "model": {"path": result.before.info.path, "format": result.before.info.format},
         "output": None if result.output is None else str(result.output),
         "recalibration": _recal_dict(result),
-        "fold": {
+        "fold": None
+        if f is None
+        else {
             "folded": f.folded_count,
             "skipped": len(f.steps) - f.folded_count,
             "bn_layers_after": len(f.folded.bn_layers),
@@ -122,7 +130,7 @@ def to_json(result: OptimizeResult) -> str:
             "passed": result.passed,
             "written": result.output is not None,
             "bn_layers_before": len(result.before.info.bn_layers),
-            "bn_layers_after": len(f.folded.bn_layers),
+            "bn_layers_after": None if f is None else len(f.folded.bn_layers),
             **severity_counts(result.findings),
         },
     }
@@ -133,9 +141,12 @@ def render_text(result: OptimizeResult, console: Console) -> None:
     console.print(f"[bold]optimize {result.before.info.path}[/]")
     console.print(f"  1. inspect: {counts_text(severity_counts(result.before.findings))}")
     console.print(f"  2. {recal_line(result)}")
+    if result.recalibration is not None:
+        print_findings(console, result.recalibration.findings)
     console.print(f"  3. {fold_line(result)}")
     style = "green" if result.passed else "bold red"
-    console.print(Text(f"     {verification_line(result.fold)}", style=style))
+    if result.fold is not None:
+        console.print(Text(f"     {verification_line(result.fold)}", style=style))
     if result.bench is not None:
         console.print("  4. latency, original (A) vs optimized (B):")
         for line in bench_rep.side_lines(result.bench, LABELS):
@@ -164,7 +175,10 @@ def render_markdown(result: OptimizeResult) -> str:
     lines = [f"### bncheck optimize: `{md_escape(result.before.info.path)}`", ""]
     lines.append(f"1. inspect: {counts_text(severity_counts(result.before.findings))}")
     lines.append(f"2. {md_escape(recal_line(result))}")
-    lines.append(f"3. {md_escape(fold_line(result))}; {md_escape(verification_line(result.fold))}")
+    if result.recalibration is not None:
+        lines += findings_markdown(result.recalibration.findings, hints=False)
+    verified = "" if result.fold is None else f"; {verification_line(result.fold)}"
+    lines.append(f"3. {md_escape(fold_line(result) + verified)}")
     if result.bench is not None:
         lines += ["", *bench_rep.markdown_table(result.bench, LABELS), ""]
         lines += [f"- {md_escape(s)}" for s in bench_rep.side_lines(result.bench, LABELS)]
@@ -179,7 +193,9 @@ def render_markdown(result: OptimizeResult) -> str:
 def render_github(result: OptimizeResult) -> str:
     path = result.before.info.path
     lines = []
-    if not result.passed:
+    if result.recalibration is not None:
+        lines += github_lines(path, result.recalibration.findings)
+    if result.fold is not None and not result.passed:
         lines.append(
             f"::error file={path},title=bncheck optimize::{verification_line(result.fold)}"
         )

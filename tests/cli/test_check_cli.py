@@ -53,7 +53,7 @@ def perturbed_onnx(tmp_path):
 
 
 def test_onnx_on_its_own_data_passes(run_cli):
-    doc = check_json(run_cli, ONNX, "--data", CALIB, code=0)
+    doc = check_json(run_cli, ONNX, "--data", CALIB, "--task", "classify", code=0)
     assert len(doc["layers"]) == 9 and doc["summary"]["measured"] == 9
     assert doc["first_diverging"] is None and doc["findings"] == []
     assert doc["data"]["samples"] == 256 and doc["data"]["batches"] == 8

@@ -54,7 +54,7 @@ def test_other_formats(tmp_path, run_cli, fmt):
     assert res.code == 0, res
     assert "recalibrated 9 BN layers (exact) on 64 samples in 8 batches of 8" in res.out
     if fmt == "github":
-        assert "::warning file=" in res.out and "batch size 8 < 16" in res.out
+        assert "::warning file=" in res.out and "8 batches of 8 samples (fewer than 16" in res.out
     if fmt == "markdown":
         assert res.out.startswith("### bncheck recalibrate")
 
@@ -133,3 +133,130 @@ def test_interrupt_mid_pass_leaves_nothing(tmp_path, run_cli, monkeypatch):
     res = run_cli("recalibrate", ONNX, "--data", CALIB, "-o", out)
     assert res.code == 130, res
     assert list(tmp_path.iterdir()) == []
+
+
+# --- the guard (issue 13, items 9 and 10) ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def one_class(tmp_path_factory):
+    """The 29 calibration images of class 0 and their labels: recalibrated on them, the sample
+    ResNet falls from 100% to 27.6% on those very images."""
+    folder = tmp_path_factory.mktemp("one_class")
+    x, y = np.load(CALIB), np.load(LABELS)
+    np.save(folder / "x.npy", x[y == 0])
+    np.save(folder / "y.npy", y[y == 0])
+    return folder / "x.npy", folder / "y.npy"
+
+
+def test_lower_accuracy_exits_1_and_writes_nothing(tmp_path, run_cli, one_class):
+    x, y = one_class
+    out = tmp_path / "r.onnx"
+    res = run_cli("recalibrate", ONNX, "--data", x, "--labels", y, "-o", out, "--format", "json")
+    assert res.code == 1, res
+    assert list(tmp_path.iterdir()) == []
+    doc = json.loads(res.out)
+    assert doc["output"] is None and doc["refused"] is True and doc["forced"] is False
+    assert doc["accuracy_before"] == 1.0 and doc["accuracy_after"] < 0.5
+    assert [(f["code"], f["severity"]) for f in doc["findings"]] == [("BN405", "error")]
+    assert "accuracy on the data fell from 100.0% to" in doc["findings"][0]["message"]
+    # A refusal is never a success: --fail-on never does not make it one.
+    res = run_cli("recalibrate", ONNX, "--data", x, "--labels", y, "-o", out, "--fail-on",
+                  "never")  # fmt: skip
+    assert res.code == 1, res
+    assert "error BN405" in res.out and "NOT written" in res.out
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_force_writes_and_the_exit_code_follows_fail_on(tmp_path, run_cli, one_class):
+    x, y = one_class
+    out = tmp_path / "r.onnx"
+    args = ("recalibrate", ONNX, "--data", x, "--labels", y, "-o", out, "--force")
+    res = run_cli(*args, "--format", "json")
+    assert res.code == 1, res  # BN405 is an error: --fail-on error (the default) is reached
+    doc = json.loads(res.out)
+    assert doc["output"] == str(out) and doc["forced"] is True and doc["refused"] is False
+    assert [f["code"] for f in doc["findings"]] == ["BN405"]
+    new, old = bn_stats(out), bn_stats(ONNX)
+    assert new.keys() == old.keys() and any(not np.allclose(new[k], old[k]) for k in old)
+    out.unlink()
+    res = run_cli(*args, "--fail-on", "never", "-q")
+    assert res.code == 0, res
+    assert out.is_file() and "wrote" in res.out
+
+
+def test_accuracy_drop_threshold_from_pyproject(tmp_path, run_cli, one_class, monkeypatch):
+    x, y = one_class
+    (tmp_path / "pyproject.toml").write_text("[tool.bncheck.thresholds]\naccuracy-drop = 80\n")
+    monkeypatch.chdir(tmp_path)
+    res = run_cli("recalibrate", ONNX, "--data", x, "--labels", y, "-o", "r.onnx",
+                  "--format", "json")  # fmt: skip
+    assert res.code == 0, res
+    doc = json.loads(res.out)
+    assert doc["thresholds"]["accuracy_drop"] == 80 and doc["findings"] == []
+    assert (tmp_path / "r.onnx").is_file()
+    # The table is shared: check reads it too, and takes the recalibration keys in its stride.
+    res = run_cli("check", ONNX, "--data", CALIB, "--max-samples", "32", "--format", "json")
+    assert res.code == 0, res
+    (tmp_path / "pyproject.toml").write_text("[tool.bncheck.thresholds]\naccuracy-drop = -1\n")
+    res = run_cli("recalibrate", ONNX, "--data", x, "--labels", y, "-o", "s.onnx")
+    assert_clean_error(res, "[tool.bncheck.thresholds]", "accuracy-drop must be in [0, 100]")
+    assert not (tmp_path / "s.onnx").exists()
+
+
+def test_recalibration_that_raises_accuracy_is_written(tmp_path, run_cli):
+    """Dimmed input (gain 0.4, offset +0.3, as in benchmarks/adabn_digits.py): the stored
+    statistics no longer fit and recalibration repairs them."""
+    dim = tmp_path / "dim.npy"
+    np.save(dim, (np.load(CALIB) * 0.4 + 0.3).astype(np.float32))
+    out = tmp_path / "r.onnx"
+    res = run_cli("recalibrate", ONNX, "--data", dim, "--labels", LABELS, "-o", out,
+                  "--format", "json")  # fmt: skip
+    assert res.code == 0, res
+    doc = json.loads(res.out)
+    assert doc["accuracy_before"] < 0.8 and doc["accuracy_after"] == 1.0
+    assert doc["output_change"] > 0.5  # a large change, judged by the labels: no BN406
+    assert doc["findings"] == [] and doc["output"] == str(out) and out.is_file()
+
+
+def test_without_labels_a_large_output_change_warns(tmp_path, run_cli, one_class):
+    x, _ = one_class
+    out = tmp_path / "r.onnx"
+    res = run_cli("recalibrate", ONNX, "--data", x, "-o", out, "--format", "json")
+    assert res.code == 0, res  # a warning, below --fail-on error; the model is written
+    doc = json.loads(res.out)
+    assert [(f["code"], f["severity"]) for f in doc["findings"]] == [("BN406", "warning")]
+    assert doc["output_change"] > 0.9 and out.is_file()
+    res = run_cli("recalibrate", ONNX, "--data", x, "-o", out, "--fail-on", "warning")
+    assert res.code == 1, res
+    assert "warning BN406" in res.out and "relative L2 of" in res.out
+
+
+def test_small_batch_warning_names_the_batch_formed(tmp_path, run_cli):
+    eight = tmp_path / "eight.npy"
+    np.save(eight, np.load(CALIB)[:8])
+    res = run_cli("recalibrate", ONNX, "--data", eight, "-o", tmp_path / "r.onnx", "--no-compare")
+    assert res.code == 0, res
+    assert "on 8 samples in 1 batch of 8" in res.out
+    assert "batch statistics from 1 batch of 8 samples (fewer than 16 per batch)" in res.out
+
+
+def test_optimize_applies_the_same_guard(tmp_path, run_cli, one_class):
+    x, y = one_class
+    out = tmp_path / "o.onnx"
+    args = ("optimize", ONNX, "-o", out, "--data", x, "--no-bench", "--format", "json")
+    res = run_cli(*args, "--labels", y)
+    assert res.code == 1, res
+    doc = json.loads(res.out)
+    assert [f["code"] for f in doc["findings"]] == ["BN405"]
+    assert doc["fold"] is None and doc["summary"]["written"] is False
+    assert doc["recalibration"]["accuracy_after"] < 0.5 and list(tmp_path.iterdir()) == []
+    res = run_cli(*args, "--labels", y, "--force", "--fail-on", "never")
+    assert res.code == 0, res
+    assert json.loads(res.out)["fold"]["verification"]["passed"] is True and out.is_file()
+    out.unlink()
+    res = run_cli(*args)  # no labels: the output change warns, the model is written
+    assert res.code == 0, res
+    doc = json.loads(res.out)
+    assert [f["code"] for f in doc["findings"] if f["code"].startswith("BN40")] == ["BN406"]
+    assert out.is_file()

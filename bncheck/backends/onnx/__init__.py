@@ -13,7 +13,7 @@ from onnx import ModelProto
 
 from bncheck.backends.base import ModelHandle
 from bncheck.backends.onnx.discover import discover
-from bncheck.backends.onnx.graph import GraphIndex
+from bncheck.backends.onnx.graph import GraphIndex, fixed_dim, unfix_dynamic_dims
 from bncheck.backends.onnx.load import load_model
 from bncheck.backends.onnx.run import make_session, ort_message, save_onnx
 from bncheck.errors import InputError
@@ -128,14 +128,14 @@ def _normalize_shapes(
             dims = tt.shape.dim
             if len(dims) != len(shape):
                 raise InputError(
-                    f"{path}: input '{name}' has rank {len(dims)}, the given shape "
+                    f"{path}: input '{name}' has rank {len(dims)}, --input-shape "
                     f"{shape} has rank {len(shape)}"
                 )
             for i, (d, s) in enumerate(zip(dims, shape, strict=True)):
-                if d.HasField("dim_value") and d.dim_value != s:
+                size = fixed_dim(d)
+                if size is not None and size != s:
                     raise InputError(
-                        f"{path}: input '{name}' has size {d.dim_value} in dim {i}, "
-                        f"the given shape says {s}"
+                        f"{path}: input '{name}' has size {size} in dim {i}, --input-shape says {s}"
                     )
         out[name] = shape
     return out
@@ -145,9 +145,13 @@ def open_onnx(path: Path, *, input_shapes: dict[str, tuple[int, ...]] | None = N
     """Load an ONNX model safely (see :mod:`bncheck.backends.onnx.load`) into a handle.
 
     ``input_shapes`` maps an input name (or ``""`` for the only input) to a shape that fixes
-    its dynamic dims; it must agree with the dims the graph fixes.
+    its dynamic dims; it must agree with the dims the graph fixes. Dims written as ``-1`` or
+    ``0`` are dynamic and become unknown dims in the handle's model (see
+    :func:`~bncheck.backends.onnx.graph.unfix_dynamic_dims`), so files written from it keep
+    them dynamic.
     """
     path = Path(path)
     model, external = load_model(path)
+    unfix_dynamic_dims(model)
     shapes = _normalize_shapes(path, model, input_shapes)
     return OnnxHandle(path, model, input_shapes=shapes, external_data=external)

@@ -188,6 +188,8 @@ def discover(index: GraphIndex, path: str) -> ModelInfo:
     norms = tuple(norm_layer(index, n) for n in g.node if n.op_type in _NORM_OPS)
     params = sum(_count(t.dims) for t in g.initializer)
     params += sum(_count(s.dims) for s in g.sparse_initializer)
+    # Paddle and older exporters store every weight as a Constant node, no initializers.
+    params += sum(_count(t.dims) for t in index.constant_nodes.values())
     inits = set(index.initializers)
     return ModelInfo(
         path=path,

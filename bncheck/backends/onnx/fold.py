@@ -30,6 +30,7 @@ from bncheck.backends.onnx.graph import GraphIndex, attr, node_label, opset_vers
 from bncheck.backends.onnx.rewrite import Params, Rewrite, emit_model
 from bncheck.layers import FoldStep
 from bncheck.numerics import bn_scale_shift, cast_checked, fold_into_consumer, fold_into_producer
+from bncheck.wording import plural
 
 __all__ = ["fold_model"]
 
@@ -96,7 +97,7 @@ def _bn_affine(facts: BNFacts) -> tuple[np.ndarray, np.ndarray] | str:
     s, t = bn_scale_shift(facts.mean, facts.var, facts.scale, facts.bias, facts.eps)
     bad = int(np.count_nonzero(~(np.isfinite(s) & np.isfinite(t))))
     if bad:
-        return f"BN statistics give a non-finite scale or shift in {bad} channel(s)"
+        return f"BN statistics give a non-finite scale or shift in {plural(bad, 'channel')}"
     return s, t
 
 

@@ -22,12 +22,14 @@ __all__ = [
     "attr",
     "constant_tensor",
     "dtype_name",
+    "fixed_dim",
     "infer_shapes",
     "iter_graphs",
     "node_label",
     "opset_version",
     "tensor_element_count",
     "tensor_specs",
+    "unfix_dynamic_dims",
     "value_dims",
 ]
 
@@ -84,14 +86,49 @@ def opset_version(model: ModelProto, domain: str = "") -> int | None:
     return None
 
 
+def fixed_dim(dim: onnx.TensorShapeProto.Dimension) -> int | None:
+    """The size a dim fixes, or None when it is dynamic.
+
+    Dynamic: a ``dim_param`` (``"N"``, ``"?"``), no value at all, or a ``dim_value`` ≤ 0.
+    Exporters write ``-1`` (Paddle) or ``0`` (older converters) for "any size"; onnxruntime reads
+    a negative value as dynamic, and a zero-size model input is never what a user means. This is
+    the one place the ONNX backend decides whether a dim is fixed.
+    """
+    if dim.HasField("dim_value") and dim.dim_value > 0:
+        return int(dim.dim_value)
+    return None
+
+
 def value_dims(vi: onnx.ValueInfoProto) -> Dims | None:
-    """Dims of a tensor ValueInfo: int, symbolic name, or None; None when the rank is unknown."""
+    """Dims of a tensor ValueInfo: a fixed size (int), else its symbolic name, else None (see
+    :func:`fixed_dim`); None when the rank is unknown."""
     tt = vi.type.tensor_type
     if not vi.type.HasField("tensor_type") or not tt.HasField("shape"):
         return None
     return tuple(
-        int(d.dim_value) if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim
+        size if (size := fixed_dim(d)) is not None else (d.dim_param or None) for d in tt.shape.dim
     )
+
+
+def unfix_dynamic_dims(model: ModelProto) -> int:
+    """Rewrite, in place, every non-positive ``dim_value`` of a value's declared shape (graph
+    inputs, outputs and value_info, subgraphs included) as an unknown dim; returns how many.
+
+    Such a dim means "any size" (:func:`fixed_dim`), but onnxruntime enforces a ``0`` as a
+    size and onnx shape inference trips over a ``-1``: an unknown dim (neither value nor name)
+    is how ONNX itself says "dynamic", so every session, inference and written file agrees.
+    """
+    changed = 0
+    for g in iter_graphs(model.graph):
+        for vi in (*g.input, *g.output, *g.value_info):
+            tt = vi.type.tensor_type
+            if not vi.type.HasField("tensor_type") or not tt.HasField("shape"):
+                continue
+            for d in tt.shape.dim:
+                if d.HasField("dim_value") and d.dim_value <= 0:
+                    d.ClearField("dim_value")
+                    changed += 1
+    return changed
 
 
 def tensor_specs(values: list[onnx.ValueInfoProto]) -> tuple[TensorSpec, ...]:

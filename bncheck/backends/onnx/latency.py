@@ -16,6 +16,7 @@ import numpy as np
 from bncheck.backends.base import LatencyRunner
 from bncheck.backends.onnx.run import make_session, ort_message
 from bncheck.errors import InputError
+from bncheck.wording import plural
 
 __all__ = ["latency_runner"]
 
@@ -103,7 +104,7 @@ def latency_runner(
 
     level = "ORT_ENABLE_ALL" if optimize else "ORT_DISABLE_ALL"
     used = session.get_providers()[0]
-    threads_text = f"{threads} threads" if threads else "default threads"
+    threads_text = plural(threads, "thread") if threads else "default threads"
     return LatencyRunner(
         run=run,
         engine=f"onnxruntime {ort.__version__} ({used}, {level}, {threads_text})",

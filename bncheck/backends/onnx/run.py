@@ -12,9 +12,9 @@ from typing import Any
 import onnx
 from onnx import ModelProto, TensorProto
 
-from bncheck.atomic import temp_beside
+from bncheck.atomic import as_new_file, temp_beside
 from bncheck.backends.onnx.load import iter_tensors
-from bncheck.errors import InputError, first_line
+from bncheck.errors import InputError, one_line
 
 __all__ = ["EXTERNAL_DATA_THRESHOLD", "make_session", "ort_message", "save_onnx"]
 
@@ -25,25 +25,29 @@ EXTERNAL_DATA_THRESHOLD = 2_000_000_000
 EXTERNAL_TENSOR_MIN_BYTES = 1024
 
 _ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*\w+\s*:\s*")
-_SOURCE_LOC = re.compile(r"^\S+\.(?:h|cc|cpp):\d+ ")
+# "/onnxruntime_src/…/reshape_helper.h:84 " at the start or after "Status Message: ".
+_SOURCE_LOC = re.compile(r"(?:^|(?<=\s))\S+\.(?:h|cc|cpp):\d+ ")
 
 
 def ort_message(exc: BaseException) -> str:
-    """One readable line from an onnxruntime exception: the status prefix and the C++
-    source location and function signature it often starts with are dropped."""
-    text = first_line(exc, limit=10_000)
-    text = _ORT_PREFIX.sub("", text)
-    if _SOURCE_LOC.match(text):
+    """One readable line from an onnxruntime exception, every line of it kept (the figures
+    often come after the first: "index: 1 Got: 4 Expected: 3"); the status prefix and the C++
+    source location and function signature it carries are dropped."""
+    text = _ORT_PREFIX.sub("", one_line(exc, limit=2000)).removeprefix("Error in execution: ")
+    loc = _SOURCE_LOC.search(text)
+    if loc is not None:
         # "file.h:46 void ns::f(args…) message": skip up to the signature's closing paren.
         depth, seen = 0, False
-        for i, ch in enumerate(text):
+        for i in range(loc.end(), len(text)):
+            ch = text[i]
             if ch == "(":
                 depth, seen = depth + 1, True
             elif ch == ")":
                 depth -= 1
                 if seen and depth == 0:
                     rest = text[i + 1 :].strip()
-                    text = rest or text
+                    if rest:
+                        text = text[: loc.start()] + rest
                     break
     return text
 
@@ -65,10 +69,12 @@ def make_session(
     """
     import onnxruntime as ort
 
-    ort.set_default_logger_severity(3)
+    # 4 = FATAL only: at 3 onnxruntime still prints each failed run's error to stderr, beside
+    # the one line bncheck reports for it.
+    ort.set_default_logger_severity(4)
     who = source or "model"
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4
     opts.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if optimize
@@ -172,6 +178,7 @@ def save_onnx(model: ModelProto, path: Path, *, external_data: bool | None = Non
             )
             del copy
             if data.exists():
+                as_new_file(data)  # onnx creates it 0600; the .onnx beside it is 0644
                 _fsync(data)
             else:  # no tensor was large enough to go out
                 data = None

@@ -8,14 +8,12 @@ from ``torch.compile``) lose that prefix when that makes them the model's keys.
 
 from __future__ import annotations
 
-import contextlib
-import importlib
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from bncheck.errors import InputError, first_line
+from bncheck.usercode import import_callable
 
 __all__ = ["build_arch", "load_into", "match_keys"]
 
@@ -30,30 +28,7 @@ def build_arch(spec: str, kwargs: dict[str, Any] | None) -> tuple[Any, Any]:
     declares, or None)."""
     import torch
 
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr or ":" in attr:
-        raise InputError(f"--arch {spec!r}: expected 'pkg.module:factory'")
-    cwd = os.getcwd()
-    added = cwd not in sys.path
-    if added:
-        sys.path.insert(0, cwd)
-    try:
-        mod = importlib.import_module(module_name)
-    except Exception as exc:
-        raise InputError(
-            f"--arch {spec!r}: cannot import {module_name!r} ({first_line(exc)})"
-        ) from None
-    finally:
-        if added:
-            with contextlib.suppress(ValueError):
-                sys.path.remove(cwd)
-    factory: Any = mod
-    for part in attr.split("."):
-        if not hasattr(factory, part):
-            raise InputError(f"--arch {spec!r}: module {module_name!r} has no attribute {attr!r}")
-        factory = getattr(factory, part)
-    if not callable(factory):
-        raise InputError(f"--arch {spec!r}: {attr!r} is not callable")
+    factory = import_callable(spec, "--arch", "factory")
     try:
         model = factory(**(kwargs or {}))
     except Exception as exc:
@@ -63,7 +38,11 @@ def build_arch(spec: str, kwargs: dict[str, Any] | None) -> tuple[Any, Any]:
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"--arch {spec!r}: returned {type(model).__name__}, not a torch.nn.Module")
     shape = getattr(factory, "example_input_shape", None)
-    return model, shape if shape is not None else getattr(mod, "example_input_shape", None)
+    if shape is None:  # declared in the module that defines the factory
+        shape = getattr(
+            sys.modules.get(getattr(factory, "__module__", "")), "example_input_shape", None
+        )
+    return model, shape
 
 
 def match_keys(state: dict[str, Any], expected: Any) -> tuple[dict[str, Any], list[str]]:

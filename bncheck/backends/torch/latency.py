@@ -16,6 +16,7 @@ import numpy as np
 from bncheck.backends.base import LatencyRunner
 from bncheck.backends.torch.load import quiet_torch
 from bncheck.errors import InputError, first_line
+from bncheck.wording import plural
 
 __all__ = ["latency_runner"]
 
@@ -85,7 +86,7 @@ def latency_runner(
     used = torch.get_num_threads()
     runner = LatencyRunner(
         run=run,
-        engine=f"{engine} {torch.__version__.split('+')[0]} ({device}, {used} threads)",
+        engine=f"{engine} {torch.__version__.split('+')[0]} ({device}, {plural(used, 'thread')})",
         sync=torch.cuda.synchronize if device == "cuda" else None,
         folds_bn_itself=False,  # eager never does; inductor only with config.freezing=True
         device=device,

@@ -7,6 +7,7 @@ from typing import Any
 
 from bncheck.backends.torch.graph import NORM_OPS, GraphView, module_path, op_args, packet
 from bncheck.layers import NormLayer
+from bncheck.wording import plural
 
 __all__ = ["class_name", "graph_norms", "module_norms", "norm_types"]
 
@@ -40,7 +41,7 @@ def module_norms(module: Any) -> list[NormLayer]:
                 )
             )
         elif isinstance(m, nn.GroupNorm):
-            shape = f"{m.num_groups} groups, {m.num_channels} channels"
+            shape = f"{plural(m.num_groups, 'group')}, {plural(m.num_channels, 'channel')}"
             found.append(NormLayer(name, "GroupNorm", shape, m.eps, bool(m.affine)))
         elif isinstance(m, norm_types()):
             found.append(
@@ -68,7 +69,7 @@ def graph_norms(view: GraphView) -> list[NormLayer]:
         if "normalized_shape" in args:
             shape = str(tuple(int(d) for d in args["normalized_shape"]))
         elif "num_groups" in args:
-            shape = f"{args['num_groups']} groups, {channels} channels"
+            shape = f"{plural(args['num_groups'], 'group')}, {plural(channels, 'channel')}"
         else:
             shape = f"{channels} channels"
         eps = args.get("eps")

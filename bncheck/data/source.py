@@ -11,7 +11,7 @@ file at once:
   a Fortran-ordered member cannot be read row by row and is loaded whole (``allow_pickle=False``).
 * ``.pt`` — ``torch.load(weights_only=True, mmap=True)``: a tensor, or a dict name → tensor
   (legacy non-zip files cannot be mapped and are loaded whole, still weights-only).
-* a folder of images (or one PNG / JPEG) — see ``bncheck.images``; needs Pillow.
+* a folder of images (or one PNG / JPEG) — see ``bncheck.data.images``; needs Pillow.
 * ``synthetic=True`` — seeded standard-normal input of the model's input shape.
 
 Each batch is C-contiguous, in the model input's dtype, and checked for NaN / Inf as it streams.
@@ -26,25 +26,36 @@ from typing import Any
 
 import numpy as np
 
-from bncheck.errors import InputError
-from bncheck.images import ImageColumn, ImageOptions, list_images
-from bncheck.layers import TensorSpec
-from bncheck.readers import (
+from bncheck.data.checks import (
+    apply_shapes,
+    check_dtype,
+    check_shape,
+    fixed_batch,
+    target_dtype,
+)
+from bncheck.data.images import ImageColumn, ImageOptions, list_images
+from bncheck.data.readers import (
     ArrayColumn,
     Column,
     NpzColumn,
     SyntheticColumn,
     TorchColumn,
-    fmt_shape,
     load_npy,
     load_pt,
     npz_members,
     sniff_data,
 )
+from bncheck.data.spec import DataSpec
+from bncheck.errors import InputError
+from bncheck.layers import TensorSpec
+from bncheck.wording import plural
 
-__all__ = ["DataSource", "ImageOptions", "open_data", "sniff_data"]
+__all__ = ["DataSource", "DataSpec", "ImageOptions", "open_data", "sample_shapes", "sniff_data"]
 
-_NUMERIC_KINDS = "biuf"
+# The command-line options that only mean something for images.
+IMAGE_OPTIONS = frozenset(
+    {"--resize", "--crop", "--mean", "--std", "--scale", "--channel-order", "--layout"}
+)
 
 
 class DataSource:
@@ -92,6 +103,16 @@ class DataSource:
     def min_batch(self) -> int:
         return min(stop - start for start, stop in self.bounds)
 
+    @property
+    def where(self) -> str:
+        """How messages name this data."""
+        return str(self.path) if self.path is not None else "synthetic data"
+
+    @property
+    def sized(self) -> bool:
+        """Whether the sample count is known without a pass (always, for files)."""
+        return True
+
     def __len__(self) -> int:
         return self.num_batches
 
@@ -117,7 +138,7 @@ class DataSource:
 
     def _convert(self, name: str, raw: Any, index: int, start: int, stop: int) -> np.ndarray:
         target = self.targets[name]
-        where = self.path if self.path is not None else "synthetic data"
+        where = self.where
         # np.array copies: a batch never aliases the memory map or the file buffer.
         raw = np.asarray(raw)
         if target.kind in "iu" and raw.dtype.kind in "iu" and raw.size:
@@ -142,7 +163,7 @@ class DataSource:
 
 
 def open_data(
-    path: str | os.PathLike[str] | None,
+    path: str | os.PathLike[str] | DataSpec | None,
     *,
     inputs: Sequence[TensorSpec],
     batch_size: int = 32,
@@ -160,7 +181,9 @@ def open_data(
     its batch dim is ignored: batches hold ``batch_size`` samples. A model input whose batch dim
     is a fixed int gets batches of exactly that size (``drop_last`` forced), since it cannot run
     any other. Synthetic data holds ``max_samples``, else ``max_batches × batch_size``, else one
-    batch. Raises InputError, naming the file, for anything the model could not consume.
+    batch. ``path`` may be a :class:`DataSpec` (image options, a data hook, a sample cap), whose
+    image options replace ``image_options``. Raises InputError, naming the file, for anything
+    the model could not consume.
     """
     if not inputs:
         raise InputError("the model has no inputs to feed data to")
@@ -171,10 +194,15 @@ def open_data(
     ):
         if value is not None and value < 1:
             raise InputError(f"{opt} must be at least 1, not {value}")
-    specs = _apply_shapes(inputs, input_shapes)
-    targets = {s.name: _target_dtype(s) for s in specs}
+    spec = path if isinstance(path, DataSpec) else None if path is None else DataSpec(path)
+    if spec is not None:
+        image_options = spec.images or image_options
+        if spec.max_samples is not None:
+            max_samples = min(max_samples or spec.max_samples, spec.max_samples)
+    specs = apply_shapes(inputs, input_shapes)
+    targets = {s.name: target_dtype(s) for s in specs}
     notes: list[str] = []
-    batch_size, drop_last = _fixed_batch(specs, batch_size, drop_last, notes)
+    batch_size, drop_last = fixed_batch(specs, batch_size, drop_last, notes)
 
     if synthetic:
         if path is not None:
@@ -185,10 +213,23 @@ def open_data(
         }
         p, fmt = None, "synthetic"
     else:
-        if path is None:
+        if spec is None:
             raise InputError("no data given: pass a data file (--data) or ask for synthetic data")
-        p = Path(path)
+        from bncheck.data.hook import hook_target, open_hook
+
+        hook = hook_target(spec)
+        if hook is not None:
+            return open_hook(spec, hook, specs, targets, batch_size, drop_last, notes,
+                              max_samples, max_batches)  # fmt: skip
+        if spec.kwargs:
+            raise InputError(f"{spec}: --data-kwargs is for a data hook (--data pkg.module:fn)")
+        p = Path(spec.source)
         fmt = sniff_data(p)
+        given = sorted(spec.explicit & IMAGE_OPTIONS)
+        if given and fmt not in ("images", "image"):
+            raise InputError(
+                f"{p}: {', '.join(given)} preprocess images; this is a .{fmt} file of arrays"
+            )
         columns = _open_columns(p, fmt, specs, image_options, notes)
 
     counts = {name: col.n for name, col in columns.items()}
@@ -199,10 +240,15 @@ def open_data(
     total = next(iter(counts.values()))
     if total == 0:
         raise InputError(f"{where}: holds no samples")
-    for spec in specs:
-        col = columns[spec.name]
-        _check_dtype(where, spec.name, col.dtype, targets[spec.name], notes)
-        _check_shape(where, spec, col.sample_shape)
+    for s in specs:
+        col = columns[s.name]
+        check_dtype(where, s.name, col.dtype, targets[s.name], notes)
+        try:
+            check_shape(where, s, col.sample_shape)
+        except InputError as exc:
+            if isinstance(col, ImageColumn):
+                raise InputError(f"{exc}: {col.hint()}") from None
+            raise
 
     n = total
     if max_samples is not None:
@@ -212,7 +258,9 @@ def open_data(
     if drop_last:
         n -= n % batch_size
         if n == 0:
-            raise InputError(f"{where}: {total} samples, fewer than one full batch of {batch_size}")
+            raise InputError(
+                f"{where}: {plural(total, 'sample')}, fewer than one full batch of {batch_size}"
+            )
     bounds = [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
 
     shapes = "; ".join(
@@ -220,11 +268,11 @@ def open_data(
     )
     if synthetic:
         desc = (
-            f"synthetic N(0, 1) input (seed {seed}), {n} samples of {shapes}, batches of "
+            f"synthetic N(0, 1) input (seed {seed}), {plural(n, 'sample')} of {shapes}, batches of "
             f"{batch_size}: figures computed on it say little about real data"
         )
     else:
-        desc = f"{p.name}: {n} of {total} samples of {shapes}, batches of {batch_size}"  # type: ignore[union-attr]
+        desc = f"{p.name}: {n} of {plural(total, 'sample')} of {shapes}, batches of {batch_size}"  # type: ignore[union-attr]
     return DataSource(
         path=p,
         format=fmt,
@@ -237,110 +285,6 @@ def open_data(
         description=desc,
         notes=notes,
     )
-
-
-def _apply_shapes(
-    inputs: Sequence[TensorSpec], shapes: Mapping[str, Sequence[int]] | None
-) -> list[TensorSpec]:
-    specs = list(inputs)
-    if not shapes:
-        return specs
-    out = []
-    for spec in specs:
-        given = shapes.get(spec.name, shapes.get("") if len(specs) == 1 else None)
-        if given is None:
-            out.append(spec)
-            continue
-        if len(given) != len(spec.shape):
-            raise InputError(
-                f"input shape {tuple(given)} for {spec.name!r} has rank {len(given)}; "
-                f"the model input {fmt_shape(spec.shape)} has rank {len(spec.shape)}"
-            )
-        dims = [spec.shape[0]]
-        for i, (want, have) in enumerate(zip(spec.shape[1:], given[1:], strict=True), start=1):
-            if isinstance(want, int) and want != have:
-                raise InputError(
-                    f"input shape {tuple(given)} for {spec.name!r}: dim {i} is {have}, "
-                    f"but the model fixes it to {want}"
-                )
-            dims.append(int(have))
-        out.append(TensorSpec(spec.name, tuple(dims), spec.dtype))
-    unknown = set(shapes) - {s.name for s in specs} - {""}
-    if unknown:
-        names = ", ".join(s.name for s in specs)
-        raise InputError(f"input shape for unknown input {sorted(unknown)[0]!r} (inputs: {names})")
-    return out
-
-
-def _target_dtype(spec: TensorSpec) -> np.dtype:
-    if spec.dtype == "bfloat16":
-        return np.dtype(np.float32)  # numpy has no bfloat16; the backend casts on the way in
-    try:
-        dt = np.dtype(spec.dtype)
-    except TypeError:
-        raise InputError(
-            f"model input {spec.name!r} has dtype {spec.dtype}, which bncheck cannot feed"
-        ) from None
-    if dt.kind not in _NUMERIC_KINDS:
-        raise InputError(f"model input {spec.name!r} has dtype {spec.dtype}, not a number type")
-    return dt
-
-
-def _fixed_batch(
-    specs: Sequence[TensorSpec], batch_size: int, drop_last: bool, notes: list[str]
-) -> tuple[int, bool]:
-    fixed = {s.name: s.shape[0] for s in specs if s.shape and isinstance(s.shape[0], int)}
-    if len(set(fixed.values())) > 1:
-        listed = ", ".join(f"{k}: {v}" for k, v in fixed.items())
-        raise InputError(f"model inputs fix different batch sizes ({listed})")
-    if not fixed:
-        return batch_size, drop_last
-    (size,) = set(fixed.values())
-    if size < 1:
-        raise InputError(f"model input {next(iter(fixed))!r} fixes its batch dim to {size}")
-    if size != batch_size:
-        notes.append(f"the model fixes the batch size to {size}: using batches of {size}")
-    return size, True
-
-
-# Where a model's input shape comes from, so a shape error says what to change.
-_SHAPE_FROM = " (the model's shape comes from its file, or from --input-shape where it is free)"
-
-
-def _check_shape(where: object, spec: TensorSpec, sample_shape: tuple[int, ...]) -> None:
-    data_shape = ("N", *sample_shape)
-    if len(spec.shape) == 0:
-        raise InputError(f"model input {spec.name!r} is a scalar: bncheck feeds batches")
-    if len(data_shape) != len(spec.shape):
-        raise InputError(
-            f"{where}: data for input {spec.name!r} has shape {fmt_shape(data_shape)} "
-            f"(rank {len(data_shape)}), the model wants {fmt_shape(spec.shape)} "
-            f"(rank {len(spec.shape)}){_SHAPE_FROM}"
-        )
-    for i, (want, have) in enumerate(zip(spec.shape[1:], sample_shape, strict=True), start=1):
-        if isinstance(want, int) and want != have:
-            raise InputError(
-                f"{where}: data for input {spec.name!r} has shape {fmt_shape(data_shape)}, "
-                f"the model wants {fmt_shape(spec.shape)}: dim {i} is {have}, not {want}"
-                f"{_SHAPE_FROM}"
-            )
-
-
-def _check_dtype(
-    where: object, name: str, source: np.dtype, target: np.dtype, notes: list[str]
-) -> None:
-    if source.hasobject:
-        raise InputError(f"{where}: input {name!r} holds Python objects, not numbers")
-    if source.kind not in _NUMERIC_KINDS:
-        raise InputError(f"{where}: input {name!r} holds {source} values, not numbers")
-    if target.kind in "iu" and source.kind == "f":
-        raise InputError(
-            f"{where}: input {name!r} holds {source} data; the model wants integers ({target})"
-        )
-    if target.kind == "b" and source.kind != "b":
-        raise InputError(f"{where}: input {name!r} holds {source} data; the model wants bool")
-    if source != target:
-        notes.append(f"input {name!r}: {source} data converted to {target}")
 
 
 def _open_columns(
@@ -357,11 +301,19 @@ def _open_columns(
                 f"{path}: images feed a single-input model; this one has {len(specs)} inputs "
                 f"({', '.join(names)}): use an .npz with one array per input"
             )
-        files = list_images(path) if fmt == "images" else [path]
+        files, skipped = list_images(path) if fmt == "images" else ([path], [])
         if not files:
-            raise InputError(f"{path}: no PNG or JPEG images in this folder")
+            raise InputError(f"{path}: no images (PNG, JPEG, BMP, TIFF, WebP) in this folder")
+        if skipped:
+            shown = ", ".join(skipped[:3]) + (", …" if len(skipped) > 3 else "")
+            notes.append(
+                f"{path.name}: skipped {len(skipped)} file(s) that are not images: {shown}"
+            )
         opts = image_options or ImageOptions()
-        return {names[0]: ImageColumn(files, opts, specs[0].shape, names[0])}
+        column = ImageColumn(files, opts, specs[0].shape, names[0])
+        if opts.layout is None and column.layout == "nhwc":
+            notes.append("images laid out as (N, H, W, C), as the model input wants")
+        return {names[0]: column}
     if fmt == "npy":
         if len(specs) != 1:
             raise InputError(
@@ -405,15 +357,18 @@ def _raise(message: str) -> Any:
 
 
 def sample_shapes(
-    path: str | os.PathLike[str],
-    names: Sequence[str],
-    *,
-    image_options: ImageOptions | None = None,
+    data: str | os.PathLike[str] | DataSpec, names: Sequence[str]
 ) -> dict[str, tuple[int, ...]]:
-    """The per-sample shape (batch dim excluded) the data at ``path`` holds for each of the
-    model inputs ``names``, read from headers (images: the first one decoded), for a model
-    that has no input shape of its own yet. Raises InputError as :func:`open_data` does."""
-    p = Path(path)
+    """The per-sample shape (batch dim excluded) the data holds for each of the model inputs
+    ``names``, read from headers (images: the first one, preprocessed as the spec says), for a
+    model that has no input shape of its own yet. A data hook is not called to peek: {}.
+    Raises InputError as :func:`open_data` does."""
+    from bncheck.data.hook import hook_target
+
+    spec = data if isinstance(data, DataSpec) else DataSpec(data)
+    if hook_target(spec) is not None:
+        return {}
+    p = Path(spec.source)
     specs = [TensorSpec(name, (), "float32") for name in names]
-    columns = _open_columns(p, sniff_data(p), specs, image_options, [])
+    columns = _open_columns(p, sniff_data(p), specs, spec.images, [])
     return {name: tuple(col.sample_shape) for name, col in columns.items()}
