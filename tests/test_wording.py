@@ -53,6 +53,9 @@ def test_recalibrate_summary_with_one_batch():
         batches=1,
         batch_size=8,
         accuracy_before=None,
+        output_change=None,
+        batch_sizes=[(8, 1)],
+        refused=False,
         output=None,
     )
     assert recal_rep.summary_line(r) == (

@@ -41,6 +41,7 @@ from bncheck.bench import (
 )
 from bncheck.bench import peak_rss_bytes as _peak_rss
 from bncheck.errors import InputError
+from bncheck.wording import plural
 
 Progress = Callable[[int, "int | None"], None]
 
@@ -230,7 +231,7 @@ def bench(
         feeds, inputs = bench_feeds(handle, batch, data, shapes, seed)
         got = len(next(iter(feeds.values())))
         if got != batch:
-            notes.append(f"batch size {batch}: ran {got} samples (all the input had)")
+            notes.append(f"batch size {batch}: ran {plural(got, 'sample')} (all the input had)")
         row_progress = _row_progress(progress, i, len(batch_sizes))
         row, side_a, side_b = _time_batch(handle, other, feeds, got, plan, row_progress)
         rows.append(row)

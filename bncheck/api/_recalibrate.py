@@ -54,6 +54,7 @@ from bncheck.rules_data import (
     RecalibrationEvidence,
     run_recalibrate_rules,
 )
+from bncheck.wording import plural
 
 __all__ = ["SETTLED", "LayerRecalibration", "RecalibrateResult", "describe_batches", "recalibrate"]
 
@@ -284,7 +285,7 @@ def _load_labels(path: str | os.PathLike[str], samples: int) -> np.ndarray:
         raise InputError(f"{path}: labels must be a .npy of integer class indices")
     arr = arr.reshape(-1)
     if len(arr) < samples:
-        raise InputError(f"{path}: {len(arr)} labels for {samples} samples")
+        raise InputError(f"{path}: {plural(len(arr), 'label')} for {plural(samples, 'sample')}")
     return arr
 
 

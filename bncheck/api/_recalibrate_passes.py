@@ -20,6 +20,7 @@ from bncheck.errors import InputError
 from bncheck.layers import BNLayer, ModelInfo
 from bncheck.mismatch import LayerMismatch, channel_metrics, summarize_layer
 from bncheck.numerics import Moments
+from bncheck.wording import plural
 
 # A layer has settled when the estimate from the first half of the data and the final one
 # differ by less than this (RMS over channels; mean in std units, variance relatively; see
@@ -278,7 +279,7 @@ def convergence_warnings(info: ModelInfo, layers: list[LayerRecalibration]) -> l
     if not unsettled:
         return []
     return [
-        f"{len(unsettled)} layer(s) had not settled over the last half of the data "
+        f"{plural(len(unsettled), 'layer')} had not settled over the last half of the data "
         f"(statistics moved by more than {SETTLED:.0%}; e.g. {unsettled[0]}): "
         "use more samples (--max-samples)"
     ]

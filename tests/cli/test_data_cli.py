@@ -88,7 +88,8 @@ def figures(doc: dict) -> dict[str, np.ndarray]:
             out[f"{layer['name']}.{key}"] = np.asarray(values, np.float64)
         out[f"{layer['name']}.count"] = np.asarray(layer["count"])
     div = doc["output_divergence"]
-    out["rel_l2"], out["top1"] = np.asarray(div["rel_l2"]), np.asarray(div["top1_agreement"])
+    # top-1 agreement is judged with --task classify only; these models' outputs are no classes
+    out["rel_l2"] = np.asarray(div["rel_l2"])
     return out
 
 

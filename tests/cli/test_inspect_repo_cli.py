@@ -69,7 +69,7 @@ def test_text_lists_every_model_and_refuses_the_hostile_ones(run_cli, repo, tmp_
     r = _inspect(run_cli)
     assert r.code == 2, r  # the worst case: some models could not be read
     for path in READABLE:
-        assert f"{path}: 1 BN layers" in r.out
+        assert f"{path}: 1 BN layer " in r.out
     for path in UNREADABLE:
         assert f"{path}: could not be read" in r.out
     assert "7 models: 4 inspected, 3 unreadable · 1 error, 1 warning, 0 info" in r.out
