@@ -93,6 +93,7 @@ DynamicDimsOpt = Annotated[
     list[str] | None,
     typer.Option(
         "--dynamic-dims",
+        metavar="<dims>",
         help="dims kept dynamic in a written .pt2/.onnx besides the batch: 2,3 or height,width "
         "(name=2,3 per input; repeat)",
     ),
@@ -100,7 +101,9 @@ DynamicDimsOpt = Annotated[
 CheckpointKeyOpt = Annotated[
     str | None,
     typer.Option(
-        "--checkpoint-key", help="the entry of a checkpoint holding several state dicts (ema)"
+        "--checkpoint-key",
+        metavar="<key>",
+        help="the entry of a checkpoint holding several state dicts (ema)",
     ),
 ]
 InPlaceOpt = Annotated[bool, typer.Option("--in-place", help="allow -o to overwrite the input")]

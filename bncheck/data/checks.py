@@ -78,7 +78,7 @@ def fixed_batch(
 
 
 # Where a model's input shape comes from, so a shape error says what to change.
-_SHAPE_FROM = " (the model's shape comes from its file, or from --input-shape where it is free)"
+SHAPE_FROM = " (the model's shape comes from its file, or from --input-shape where it is free)"
 
 
 def check_shape(where: object, spec: TensorSpec, sample_shape: tuple[int, ...]) -> None:
@@ -89,14 +89,13 @@ def check_shape(where: object, spec: TensorSpec, sample_shape: tuple[int, ...]) 
         raise InputError(
             f"{where}: data for input {spec.name!r} has shape {fmt_shape(data_shape)} "
             f"(rank {len(data_shape)}), the model wants {fmt_shape(spec.shape)} "
-            f"(rank {len(spec.shape)}){_SHAPE_FROM}"
+            f"(rank {len(spec.shape)})"
         )
     for i, (want, have) in enumerate(zip(spec.shape[1:], sample_shape, strict=True), start=1):
         if isinstance(want, int) and want != have:
             raise InputError(
                 f"{where}: data for input {spec.name!r} has shape {fmt_shape(data_shape)}, "
                 f"the model wants {fmt_shape(spec.shape)}: dim {i} is {have}, not {want}"
-                f"{_SHAPE_FROM}"
             )
 
 

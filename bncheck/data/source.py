@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from bncheck.data.checks import (
+    SHAPE_FROM,
     apply_shapes,
     check_dtype,
     check_shape,
@@ -248,7 +249,7 @@ def open_data(
         except InputError as exc:
             if isinstance(col, ImageColumn):
                 raise InputError(f"{exc}: {col.hint()}") from None
-            raise
+            raise InputError(f"{exc}{SHAPE_FROM}") from None
 
     n = total
     if max_samples is not None:
