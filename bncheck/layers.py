@@ -120,6 +120,7 @@ class ModelInfo:
     opset: int | None = None
     parameters: int = 0  # number of parameter / initializer elements
     nodes: int | None = None  # graph nodes, where a graph exists
+    input_guessed: bool = False  # traced on a guessed input shape (no --input-shape, no data)
 
 
 @dataclass(frozen=True)

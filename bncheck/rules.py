@@ -31,7 +31,8 @@ class Rule:
     name: str
     severity: Severity
     hint: str
-    check: Callable[[BNLayer, ModelInfo], str | None]
+    # A message, or (message, hint) where the fix depends on the case.
+    check: Callable[[BNLayer, ModelInfo], str | tuple[str, str] | None]
 
     @property
     def doc(self) -> str:
@@ -457,6 +458,9 @@ def not_foldable(layer: BNLayer, info: ModelInfo) -> str | None:
     return f"not foldable: {layer.fold.reason or 'no foldable neighbour'}"
 
 
+GUESSED_SHAPE_HINT = "pass --input-shape with the model's real input shape (it was guessed)"
+
+
 @_rule(
     "BN302",
     "untraceable",
@@ -468,8 +472,14 @@ def untraceable(layer: BNLayer | None, info: ModelInfo) -> str | None:
     """The model's graph could not be traced: producers and fold decisions are partial.
 
     Without a graph, bncheck only sees the module tree: it can pair a Conv with the BN right
-    after it in an ``nn.Sequential``, but cannot tell where else either is used.
+    after it in an ``nn.Sequential``, but cannot tell where else either is used. A model with no
+    BN has nothing to fold, so nothing to say; a trace that failed on a guessed input shape
+    asks for the real one.
     """
+    if not info.bn_layers or info.graph_error is None:
+        return None
+    if info.input_guessed:
+        return info.graph_error, GUESSED_SHAPE_HINT
     return info.graph_error
 
 
@@ -514,8 +524,9 @@ def run_rules(
     for code, rule in MODEL_RULES.items():
         if is_selected(code, select, ignore):
             msg = rule.check(None, info)
+            msg, hint = msg if isinstance(msg, tuple) else (msg, rule.hint)
             if msg:
-                findings.append(Finding(code, rule.severity, None, msg, rule.hint))
+                findings.append(Finding(code, rule.severity, None, msg, hint))
     for layer in info.bn_layers:
         for code, rule in RULES.items():
             if not is_selected(code, select, ignore):

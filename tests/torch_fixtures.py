@@ -178,3 +178,66 @@ class PairNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.bn_head(self.block(x).mean((2, 3)).relu()))
+
+
+class WideNet(nn.Module):
+    """A 224×224 classifier in miniature: strided convs with BN, adaptive pooling, so it runs at
+    any spatial size, and no ``example_input_shape``: a state dict of it gets its input shape
+    from --input-shape or the data (bncheck's guess would be 32×32)."""
+
+    def __init__(self, fixed_head: bool = False) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, stride=4, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 6, 3, stride=2, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(6)
+        self.pool = nn.Identity() if fixed_head else nn.AdaptiveAvgPool2d(1)
+        # A fixed-size head (flatten → Linear) runs at 224×224 only, like VGG or LeNet.
+        self.fc = nn.Linear(6 * 28 * 28 if fixed_head else 6, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        return self.fc(self.pool(x).flatten(1))
+
+
+def wide_net() -> WideNet:
+    """``--arch torch_fixtures:wide_net``."""
+    return WideNet()
+
+
+def fixed_head_net() -> WideNet:
+    """``--arch torch_fixtures:fixed_head_net``: runs at 224×224 only."""
+    return WideNet(fixed_head=True)
+
+
+def wide_files(folder: Path, samples: int, seed: int = 1) -> tuple[WideNet, Path, Path]:
+    """A WideNet with random BN statistics, its state dict saved in ``folder``, and
+    ``samples`` 224×224 samples beside it: (model, state dict path, data path)."""
+    import numpy as np
+
+    model = randomize_bn(WideNet().eval(), seed=seed)
+    f = folder / "wide.pt"
+    torch.save(model.state_dict(), f)
+    data = folder / "d224.npy"
+    rng = np.random.default_rng(0)
+    np.save(data, rng.standard_normal((samples, 3, 224, 224)).astype(np.float32))
+    return model, f, data
+
+
+class PinnedBatch(nn.Module):
+    """Flattens with ``view(1, -1)``: runs batch size 1 only, whatever export is asked."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4 * 8 * 8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.bn(self.conv(x)).view(1, -1))
+
+
+def pinned_batch() -> PinnedBatch:
+    """``--arch torch_fixtures:pinned_batch``."""
+    return PinnedBatch()

@@ -28,7 +28,7 @@ from bncheck.api._bench_inputs import (
     latency_runner_for,
 )
 from bncheck.api._bench_stats import CONFIDENCE, RESAMPLES, hierarchical_bootstrap_ratio
-from bncheck.api._common import as_handle
+from bncheck.api._common import as_handle, use_data_shapes
 from bncheck.backends import ModelHandle
 from bncheck.bench import (
     DEFAULT_MARGIN,
@@ -214,6 +214,8 @@ def bench(
     )
     shapes = dict(input_shapes) if input_shapes else None
     handle, other = _open_sides(model, vs, shapes, engine, device, compile, open_options)
+    if data is not None:
+        use_data_shapes(handle, data)  # a state dict runs at its data's shape
     plan = _Plan(
         runner_options=dict(device=device, threads=threads, compile=compile, optimize=optimize),
         time_budget_s=time_budget_s,

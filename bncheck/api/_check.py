@@ -241,7 +241,7 @@ def check(
         raise InputError("check needs data: pass a data file (--data D) or --synthetic")
     if data is not None and synthetic:
         raise InputError("give either a data file (--data) or --synthetic, not both")
-    handle = as_handle(model, input_shapes=input_shapes, **open_options)
+    handle = as_handle(model, data=data, input_shapes=input_shapes, **open_options)
     info = handle.info()
     source = open_data(
         data,

@@ -145,20 +145,27 @@ def fold(
     that changes the function leaves nothing behind. ``affine`` turns BNs that cannot be folded
     into a per-channel scale and shift.
     """
-    handle = as_handle(model, **open_options)
+    handle = as_handle(model, data=data, **open_options)
     out = check_output_path(handle, output, in_place=in_place, allowed=_allowed_suffixes(handle))
     source = handle.info()
     folded, steps = handle.folded(affine=affine)
     verification = None
+    # A torch model traced with dynamic dims is verified at its example's shape.
+    shapes = open_options.get("input_shapes") or getattr(handle, "example_shapes", None)
     if verify:
         base = tolerance_for(_model_dtype(source))
         tol = Tolerance(
             rtol if rtol is not None else base.rtol, atol if atol is not None else base.atol
         )
         verification = verify_same_function(
-            handle, folded, data=data, input_shapes=open_options.get("input_shapes"), tolerance=tol
+            handle,
+            folded,
+            data=data,
+            input_shapes=shapes,
+            tolerance=tol,
         )
     result = FoldResult(source=source, folded=folded.info(), steps=steps, verification=verification)
+    result.notes += getattr(folded, "notes", [])  # e.g. which checkpoint entry, a pinned batch
     if out is not None and result.passed:
         folded.save(out)
         result.output = out

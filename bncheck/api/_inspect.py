@@ -23,6 +23,7 @@ class InspectResult:
 
     info: ModelInfo
     findings: list[Finding] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # e.g. a guessed input shape
 
     def count(self, severity: Severity) -> int:
         return sum(1 for f in self.findings if f.severity == severity)
@@ -46,7 +47,8 @@ def inspect(
     validate_codes([*(select or []), *(ignore or [])], codes)
     handle = as_handle(model, **open_options)
     info = handle.info()
-    return InspectResult(info=info, findings=run_rules(info, select=select, ignore=ignore))
+    findings = run_rules(info, select=select, ignore=ignore)
+    return InspectResult(info=info, findings=findings, notes=list(getattr(handle, "notes", [])))
 
 
 @dataclass

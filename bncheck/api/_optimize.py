@@ -65,8 +65,9 @@ def _recalibrate(
     notes: list[str],
     **guard: Any,
 ) -> tuple[Any | None, ModelHandle]:
-    """Recalibrate in memory; ``guard`` (labels, force, thresholds) judges the result as
-    ``recalibrate`` does, and a refused one (BN405) is returned with the input's handle."""
+    """Recalibrate in memory; ``guard`` (labels, force, thresholds; input_shapes) judges the
+    result as ``recalibrate`` does, and a refused one (BN405) is returned with the input's
+    handle."""
     from bncheck import api
 
     recalibrate = getattr(api, "recalibrate", None)
@@ -117,7 +118,8 @@ def optimize(
     against the written model on the same engine (interleaved, ratio with its 95% CI);
     5. ``inspect`` the written model for the findings that remain.
     """
-    handle = as_handle(model, **open_options)
+    handle = as_handle(model, data=data, **open_options)
+    shapes = open_options.get("input_shapes")  # every step gets them
     out = check_output_path(handle, output, in_place=in_place, allowed=_allowed_suffixes(handle))
     assert out is not None
     if run_bench:
@@ -129,20 +131,23 @@ def optimize(
     if labels is not None and data is None:
         raise InputError("--labels needs --data: accuracy is measured on the recalibration data")
     if data is not None:
-        guard = {"labels": labels, "force": force, "thresholds": thresholds}
+        guard = {"labels": labels, "force": force, "thresholds": thresholds, "input_shapes": shapes}
         recal, work = _recalibrate(handle, data, calib_batch_size, notes, **guard)
     else:
         notes.append("recalibration skipped: no --data")
     if recal is not None and recal.refused:
         notes.append("nothing written: recalibration lowered accuracy (BN405; --force writes it)")
         return OptimizeResult(before=before, fold=None, recalibration=recal, notes=notes)
-    folded = fold(work, out, data=data, verify=verify, affine=affine, in_place=in_place)
+    folded = fold(
+        work, out, data=data, verify=verify, affine=affine, in_place=in_place, input_shapes=shapes
+    )
     result = OptimizeResult(before=before, fold=folded, recalibration=recal, notes=notes)
     if not folded.passed or folded.output is None:
         notes.append("nothing written: the folded model does not compute the same outputs")
         return result
     result.output = folded.output
-    shapes = open_options.get("input_shapes")
+    # A file written with dynamic dims is timed at the shape the model was traced with.
+    shapes = shapes or getattr(handle, "example_shapes", None)
     written = open_model(folded.output, input_shapes=shapes)
     result.after = inspect(written, select=select, ignore=ignore)
     if not run_bench:

@@ -146,7 +146,7 @@ def recalibrate(
     limits = _thresholds(thresholds)
     if input_shapes is not None:
         open_options["input_shapes"] = input_shapes
-    handle = as_handle(model, **open_options)
+    handle = as_handle(model, data=data, **open_options)
     suffix = Path(handle.path).suffix.lower()
     out = check_output_path(handle, output, in_place=in_place, allowed=(suffix,) if suffix else ())
     info = handle.info()

@@ -76,16 +76,26 @@ def open_model(
     arch_kwargs: dict[str, Any] | None = None,
     trust_pickle: bool = False,
     input_shapes: dict[str, tuple[int, ...]] | None = None,
+    dynamic_dims: dict[str, tuple[int, ...]] | None = None,
+    checkpoint_key: str | None = None,
 ) -> ModelHandle:
     """Load ``path`` with the backend its bytes call for.
 
     ONNX files never import torch. ``input_shapes`` (input name, or ``""`` for the only input,
-    → shape) fixes dynamic dims and gives PyTorch models an example input to trace with.
+    → shape) fixes dynamic dims and gives PyTorch models an example input to trace with;
+    ``dynamic_dims`` (same keys → axes) are kept dynamic in files written from a PyTorch model;
+    ``checkpoint_key`` picks the state dict of a checkpoint holding several.
     """
     p = Path(path)
     kind = sniff(p)
     if kind == "onnx":
         from bncheck.backends.onnx import open_onnx
+
+        if dynamic_dims:
+            raise InputError(
+                f"{p}: --dynamic-dims applies to PyTorch models; an ONNX model keeps the dims "
+                "its file declares"
+            )
 
         return open_onnx(p, input_shapes=input_shapes)
     if p.suffix.lower() == ".onnx":
@@ -99,4 +109,6 @@ def open_model(
         arch_kwargs=arch_kwargs,
         trust_pickle=trust_pickle,
         input_shapes=input_shapes,
+        dynamic_dims=dynamic_dims,
+        checkpoint_key=checkpoint_key,
     )

@@ -89,6 +89,23 @@ ShapeOpt = Annotated[
         help="input shape 1,3,224,224, or name=1,3,224,224 per input (repeat)",
     ),
 ]
+DynamicDimsOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--dynamic-dims",
+        metavar="<dims>",
+        help="dims kept dynamic in a written .pt2/.onnx besides the batch: 2,3 or height,width "
+        "(name=2,3 per input; repeat)",
+    ),
+]
+CheckpointKeyOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--checkpoint-key",
+        metavar="<key>",
+        help="the entry of a checkpoint holding several state dicts (ema)",
+    ),
+]
 InPlaceOpt = Annotated[bool, typer.Option("--in-place", help="allow -o to overwrite the input")]
 MaxBatchesOpt = Annotated[
     int | None, typer.Option("--max-batches", help="use at most this many batches")
@@ -171,6 +188,34 @@ def parse_input_shapes(values: list[str] | None) -> dict[str, tuple[int, ...]] |
     return shapes
 
 
+_DIM_NAMES = {"batch": 0, "n": 0, "depth": -3, "d": -3, "height": -2, "h": -2, "width": -1, "w": -1}
+
+
+def parse_dynamic_dims(values: list[str] | None) -> dict[str, tuple[int, ...]] | None:
+    """``2,3`` → {"": (2, 3)}; ``x=height,width`` → {"x": (-2, -1)} (names count from the end
+    of an N…HW input: depth, height, width; batch is 0)."""
+    if not values:
+        return None
+    dims: dict[str, tuple[int, ...]] = {}
+    for v in values:
+        name, _, spec = v.rpartition("=")
+        axes = []
+        for part in (p.strip().lower() for p in spec.split(",") if p.strip()):
+            if part in _DIM_NAMES:
+                axes.append(_DIM_NAMES[part])
+                continue
+            try:
+                axes.append(int(part))
+            except ValueError:
+                raise InputError(
+                    f"--dynamic-dims {v!r}: give dim numbers (2,3) or height, width, depth"
+                ) from None
+        if not axes:
+            raise InputError(f"--dynamic-dims {v!r}: no dims given")
+        dims[name.strip()] = tuple(axes)
+    return dims
+
+
 def _env_trust() -> bool:
     return os.environ.get("BNCHECK_TRUST_PICKLE", "").strip().lower() in ("1", "true", "yes")
 
@@ -188,6 +233,8 @@ def common(
     quiet: bool,
     *,
     formats: tuple[str, ...] = ("text", "json", "github", "markdown"),
+    checkpoint_key: str | None = None,
+    dynamic_dims: list[str] | None = None,
 ) -> Common:
     cfg = load_config()
     for w in cfg.warnings:
@@ -203,6 +250,11 @@ def common(
         raise InputError(f"--fail-on {fail_on!r}: choose one of {', '.join(FAIL_ON)}")
     kwargs = json_object(arch_kwargs, "--arch-kwargs")
     shapes = parse_input_shapes(input_shape) or parse_input_shapes(cfg.get("input-shape"))
+    loading: dict[str, Any] = {}  # only when given: not every api function takes them
+    if checkpoint_key:
+        loading["checkpoint_key"] = checkpoint_key
+    if dynamic_dims:
+        loading["dynamic_dims"] = parse_dynamic_dims(dynamic_dims)
     return Common(
         format=fmt,
         fail_on=fail_on,
@@ -214,6 +266,7 @@ def common(
             "arch_kwargs": kwargs,
             "trust_pickle": trust_pickle or _env_trust(),
             "input_shapes": shapes,
+            **loading,
         },
         verbose=verbose,
         quiet=quiet,

@@ -11,6 +11,7 @@ import typer
 from bncheck.cli import (
     ArchKwargsOpt,
     ArchOpt,
+    CheckpointKeyOpt,
     FormatOpt,
     QuietOpt,
     ShapeOpt,
@@ -121,6 +122,7 @@ def bench(
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
     trust_pickle: TrustOpt = False,
+    checkpoint_key: CheckpointKeyOpt = None,
     input_shape: ShapeOpt = None,
     verbose: VerboseOpt = False,
     quiet: QuietOpt = False,
@@ -136,8 +138,9 @@ def bench(
     from bncheck.report import bench as rep
 
     opts = common(
-        fmt, None, None, None, arch, arch_kwargs, trust_pickle, input_shape, verbose, quiet
-    )
+        fmt, None, None, None, arch, arch_kwargs, trust_pickle, input_shape, verbose, quiet,
+        checkpoint_key=checkpoint_key,
+    )  # fmt: skip
     open_options = dict(opts.open_options)
     input_shapes = open_options.pop("input_shapes", None)
     show_bar = opts.format == "text" and not opts.quiet and sys.stderr.isatty()

@@ -12,6 +12,7 @@ from bncheck.cli import (
     ArchKwargsOpt,
     ArchOpt,
     ChannelOrderOpt,
+    CheckpointKeyOpt,
     CropOpt,
     DataKwargsOpt,
     DataOpt,
@@ -85,6 +86,7 @@ def check(
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
     trust_pickle: TrustOpt = False,
+    checkpoint_key: CheckpointKeyOpt = None,
     input_shape: ShapeOpt = None,
     verbose: VerboseOpt = False,
     quiet: QuietOpt = False,
@@ -101,8 +103,9 @@ def check(
     from bncheck.rules_data import CheckThresholds
 
     opts = common(
-        fmt, fail_on, select, ignore, arch, arch_kwargs, trust_pickle, input_shape, verbose, quiet
-    )
+        fmt, fail_on, select, ignore, arch, arch_kwargs, trust_pickle, input_shape, verbose, quiet,
+        checkpoint_key=checkpoint_key,
+    )  # fmt: skip
     where = f"{opts.config.source or 'pyproject.toml'}: [tool.bncheck.thresholds]"
     thresholds = CheckThresholds.from_mapping(opts.config.get("thresholds"), source=where)
     if report is not None:

@@ -10,6 +10,8 @@ import typer
 from bncheck.cli import (
     ArchKwargsOpt,
     ArchOpt,
+    CheckpointKeyOpt,
+    DynamicDimsOpt,
     FormatOpt,
     InPlaceOpt,
     QuietOpt,
@@ -56,6 +58,8 @@ def fold(
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
     trust_pickle: TrustOpt = False,
+    checkpoint_key: CheckpointKeyOpt = None,
+    dynamic_dims: DynamicDimsOpt = None,
     input_shape: ShapeOpt = None,
     verbose: VerboseOpt = False,
     quiet: QuietOpt = False,
@@ -68,8 +72,9 @@ def fold(
     from bncheck.report import fold as rep
 
     opts = common(
-        fmt, None, None, None, arch, arch_kwargs, trust_pickle, input_shape, verbose, quiet
-    )
+        fmt, None, None, None, arch, arch_kwargs, trust_pickle, input_shape, verbose, quiet,
+        checkpoint_key=checkpoint_key, dynamic_dims=dynamic_dims,
+    )  # fmt: skip
     result = api.fold(
         model,
         output,

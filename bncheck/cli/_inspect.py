@@ -12,6 +12,7 @@ import typer
 from bncheck.cli import (
     ArchKwargsOpt,
     ArchOpt,
+    CheckpointKeyOpt,
     Common,
     FailOnOpt,
     IgnoreOpt,
@@ -58,6 +59,7 @@ def inspect(
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
     trust_pickle: TrustOpt = False,
+    checkpoint_key: CheckpointKeyOpt = None,
     input_shape: ShapeOpt = None,
     verbose: VerboseOpt = False,
     quiet: QuietOpt = False,
@@ -78,6 +80,7 @@ def inspect(
         verbose,
         quiet,
         formats=FORMATS,
+        checkpoint_key=checkpoint_key,
     )
     cfg = opts.config
     table = cfg.get("arch") if isinstance(cfg.get("arch"), dict) else None

@@ -12,9 +12,11 @@ from bncheck.cli import (
     ArchKwargsOpt,
     ArchOpt,
     ChannelOrderOpt,
+    CheckpointKeyOpt,
     CropOpt,
     DataKwargsOpt,
     DataOpt,
+    DynamicDimsOpt,
     FailOnOpt,
     FormatOpt,
     IgnoreOpt,
@@ -109,6 +111,8 @@ def optimize(
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
     trust_pickle: TrustOpt = False,
+    checkpoint_key: CheckpointKeyOpt = None,
+    dynamic_dims: DynamicDimsOpt = None,
     input_shape: ShapeOpt = None,
     verbose: VerboseOpt = False,
     quiet: QuietOpt = False,
@@ -126,8 +130,9 @@ def optimize(
     from bncheck.rules_data import RecalibrateThresholds
 
     opts = common(
-        fmt, fail_on, select, ignore, arch, arch_kwargs, trust_pickle, input_shape, verbose, quiet
-    )
+        fmt, fail_on, select, ignore, arch, arch_kwargs, trust_pickle, input_shape, verbose, quiet,
+        checkpoint_key=checkpoint_key, dynamic_dims=dynamic_dims,
+    )  # fmt: skip
     where = f"{opts.config.source or 'pyproject.toml'}: [tool.bncheck.thresholds]"
     thresholds = RecalibrateThresholds.from_mapping(opts.config.get("thresholds"), source=where)
     spec = data_spec(params, opts.config)

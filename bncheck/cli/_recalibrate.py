@@ -12,9 +12,11 @@ from bncheck.cli import (
     ArchKwargsOpt,
     ArchOpt,
     ChannelOrderOpt,
+    CheckpointKeyOpt,
     CropOpt,
     DataKwargsOpt,
     DataOpt,
+    DynamicDimsOpt,
     FailOnOpt,
     FormatOpt,
     InPlaceOpt,
@@ -87,6 +89,8 @@ def recalibrate(
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
     trust_pickle: TrustOpt = False,
+    checkpoint_key: CheckpointKeyOpt = None,
+    dynamic_dims: DynamicDimsOpt = None,
     input_shape: ShapeOpt = None,
     verbose: VerboseOpt = False,
     quiet: QuietOpt = False,
@@ -109,8 +113,9 @@ def recalibrate(
     from bncheck.rules_data import RecalibrateThresholds
 
     opts = common(
-        fmt, fail_on, None, None, arch, arch_kwargs, trust_pickle, input_shape, verbose, quiet
-    )
+        fmt, fail_on, None, None, arch, arch_kwargs, trust_pickle, input_shape, verbose, quiet,
+        checkpoint_key=checkpoint_key, dynamic_dims=dynamic_dims,
+    )  # fmt: skip
     where = f"{opts.config.source or 'pyproject.toml'}: [tool.bncheck.thresholds]"
     thresholds = RecalibrateThresholds.from_mapping(opts.config.get("thresholds"), source=where)
     if output is None and not in_place:

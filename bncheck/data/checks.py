@@ -77,6 +77,10 @@ def fixed_batch(
     return size, True
 
 
+# Where a model's input shape comes from, so a shape error says what to change.
+SHAPE_FROM = " (the model's shape comes from its file, or from --input-shape where it is free)"
+
+
 def check_shape(where: object, spec: TensorSpec, sample_shape: tuple[int, ...]) -> None:
     data_shape = ("N", *sample_shape)
     if len(spec.shape) == 0:

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from bncheck.data.checks import (
+    SHAPE_FROM,
     apply_shapes,
     check_dtype,
     check_shape,
@@ -50,7 +51,7 @@ from bncheck.errors import InputError
 from bncheck.layers import TensorSpec
 from bncheck.wording import plural
 
-__all__ = ["DataSource", "DataSpec", "ImageOptions", "open_data", "sniff_data"]
+__all__ = ["DataSource", "DataSpec", "ImageOptions", "open_data", "sample_shapes", "sniff_data"]
 
 # The command-line options that only mean something for images.
 IMAGE_OPTIONS = frozenset(
@@ -248,7 +249,7 @@ def open_data(
         except InputError as exc:
             if isinstance(col, ImageColumn):
                 raise InputError(f"{exc}: {col.hint()}") from None
-            raise
+            raise InputError(f"{exc}{SHAPE_FROM}") from None
 
     n = total
     if max_samples is not None:
@@ -354,3 +355,21 @@ def _match_names(path: Path, have: Mapping[str, Any], names: list[str], notes: l
 
 def _raise(message: str) -> Any:
     raise InputError(message)
+
+
+def sample_shapes(
+    data: str | os.PathLike[str] | DataSpec, names: Sequence[str]
+) -> dict[str, tuple[int, ...]]:
+    """The per-sample shape (batch dim excluded) the data holds for each of the model inputs
+    ``names``, read from headers (images: the first one, preprocessed as the spec says), for a
+    model that has no input shape of its own yet. A data hook is not called to peek: {}.
+    Raises InputError as :func:`open_data` does."""
+    from bncheck.data.hook import hook_target
+
+    spec = data if isinstance(data, DataSpec) else DataSpec(data)
+    if hook_target(spec) is not None:
+        return {}
+    p = Path(spec.source)
+    specs = [TensorSpec(name, (), "float32") for name in names]
+    columns = _open_columns(p, sniff_data(p), specs, spec.images, [])
+    return {name: tuple(col.sample_shape) for name, col in columns.items()}

@@ -68,6 +68,7 @@ def to_json(result: FoldResult) -> str:
         "before": _sizes(result.source),
         "after": _sizes(result.folded),
         "verification": None if result.verification is None else result.verification.to_dict(),
+        "notes": result.notes,
         "summary": {
             "bn_layers": len(result.steps),
             "folded": result.folded_count,
@@ -96,6 +97,8 @@ def render_text(result: FoldResult, console: Console) -> None:
     )
     style = "green" if result.passed else "bold red"
     console.print(Text(verification_line(result), style=style))
+    for note in result.notes:
+        console.print(Text(f"note: {note}", style="dim"))
     console.print(summary_line(result), style="bold")
 
 

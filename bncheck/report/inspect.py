@@ -116,6 +116,7 @@ def payload(result: InspectResult) -> dict[str, Any]:
             for n in info.norm_layers
         ],
         "findings": [finding_dict(f, origins(info)) for f in result.findings],
+        "notes": result.notes,
         "summary": {
             "bn_layers": len(info.bn_layers),
             "foldable": sum(1 for layer in info.bn_layers if layer.fold.foldable),
@@ -193,6 +194,8 @@ def render_text(
         if verbose or show_info or f.severity != Severity.INFO or f.code == "BN301"
     ]
     print_findings(console, shown, origins(info))
+    for note in result.notes:
+        console.print(Text(f"note: {note}", style="dim"))
     console.print(Text(summary_line(result), style="bold"))
 
 

@@ -3,30 +3,45 @@
 from __future__ import annotations
 
 import copy
-import inspect
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from bncheck.backends.base import ModelHandle
-from bncheck.backends.torch.discover import build_info, class_name
+from bncheck.backends.torch.discover import build_info
+from bncheck.backends.torch.example import (
+    DATA,
+    GIVEN,
+    GUESS,
+    PROGRAM,
+    build_example,
+    check_output,
+    forward_args,
+    run_error,
+    seeded_randn,
+)
 from bncheck.backends.torch.load import load_torch, quiet_torch
-from bncheck.errors import InputError, first_line
+from bncheck.backends.torch.trace import trace
+from bncheck.errors import InputError
 from bncheck.layers import FoldStep, ModelInfo
 
 __all__ = ["TorchHandle", "open_torch"]
 
-_GUESS_SPATIAL = {"Conv1d": (32,), "Conv2d": (32, 32), "Conv3d": (16, 16, 16)}
+Shapes = Mapping[str, Sequence[int]]
 
 
 class TorchHandle(ModelHandle):
     """A loaded PyTorch model: the eager module, and the ExportedProgram once traced.
 
-    ``exported`` is traced lazily (deep copy in eval mode, ``torch.export.export(strict=False)``)
-    on first use; for a ``.pt2`` it is the loaded program. ``notes`` collects remarks such as a
-    guessed example input.
+    ``exported`` is traced lazily (deep copy in eval mode, ``torch.export.export(strict=False)``,
+    dim 0 and the ``dynamic_dims`` dynamic) on first use; for a ``.pt2`` it is the loaded program
+    (re-exported when ``dynamic_dims`` asks for a dim it fixes). The example input comes from
+    ``input_shapes``, the data (:meth:`use_data_shapes`), ``example_input_shape``, or a guess
+    (see ``example.py``); ``shape_source`` says which. ``notes`` collects remarks such as a
+    guessed example input or the checkpoint entry a state dict was taken from.
     """
 
     framework = "torch"
@@ -39,14 +54,22 @@ class TorchHandle(ModelHandle):
         exported: Any = None,
         *,
         input_shapes: dict[str, tuple[int, ...]] | None = None,
+        dynamic_dims: Shapes | None = None,
+        factory_shape: Any = None,
+        notes: Sequence[str] = (),
     ) -> None:
         self.path = path
         self.format = format
         self.module = module
-        self.notes: list[str] = []
+        self.notes: list[str] = list(notes)
         self._exported = exported
         self._input_shapes = input_shapes
-        self._traced = exported is not None or format == "torchscript"
+        self._shape_source: str | None = GIVEN if input_shapes else None
+        self._dynamic_dims = dynamic_dims
+        self._factory_shape = factory_shape
+        self._guess_note: str | None = None
+        # A loaded .pt2 is traced already, unless --dynamic-dims asks for a dim it may fix.
+        self._traced = format == "torchscript" or (exported is not None and not dynamic_dims)
         self._graph_error: str | None = (
             "TorchScript model: producers and consumers could not be traced"
             if format == "torchscript"
@@ -54,6 +77,7 @@ class TorchHandle(ModelHandle):
         )
         self._example: dict[str, Any] | None = None
         self._info: ModelInfo | None = None
+        self._runnable: Any = None
 
     @property
     def example_named(self) -> dict[str, Any]:
@@ -68,11 +92,81 @@ class TorchHandle(ModelHandle):
         return tuple(self.example_named.values())
 
     @property
+    def example_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The shape of each example input, by name."""
+        return {k: tuple(v.shape) for k, v in self.example_named.items() if hasattr(v, "shape")}
+
+    @property
+    def shape_source(self) -> str | None:
+        """Where the example input's shape came from: ``--input-shape``, ``data``,
+        ``example_input_shape``, ``guess``, ``program`` (a .pt2), or None (no example)."""
+        _ = self.example_named
+        return self._shape_source
+
+    @property
+    def input_names(self) -> list[str]:
+        """The inputs data must feed, in order: a .pt2's user inputs; else the forward's
+        positional arguments without a default (``forward(x, embed=False)`` takes ``x``)."""
+        if self.format == "pt2" and self._exported is not None:
+            return list(self._exported.graph_signature.user_inputs)
+        names, required = forward_args(self.module)
+        return required or names[:1] or ["x"]
+
+    def use_data_shapes(self, shapes: Mapping[str, tuple[int, ...]]) -> bool:
+        """Take the example input's shape from the data (``shapes``: input name → full shape)
+        when ``--input-shape`` did not give it; a .pt2 keeps its program's. Forgets whatever
+        was traced on the old shape. Returns whether the shape was taken."""
+        if self.format == "pt2" or self._shape_source == GIVEN or not shapes:
+            return False
+        if self._example is not None and self.example_shapes == dict(shapes):
+            self._shape_source = DATA
+            self._drop_guess_note()
+            return True
+        self._input_shapes = {k: tuple(v) for k, v in shapes.items()}
+        self._shape_source = DATA
+        self._drop_guess_note()
+        self._example = None
+        self._traced = self.format == "torchscript"
+        self._exported = None
+        self._graph_error = self._graph_error if self.format == "torchscript" else None
+        self._info = None
+        self._runnable = None
+        return True
+
+    def check_output(self, out: Path) -> None:
+        """Refuse, before any work, an output this model cannot be written to faithfully
+        (``example.check_output``: a guessed shape, dims a weights-only file cannot keep)."""
+        check_output(self, out)
+
+    def _drop_guess_note(self) -> None:
+        if self._guess_note in self.notes:
+            self.notes.remove(self._guess_note)
+        self._guess_note = None
+
+    def derive(self, format: str, module: Any, exported: Any = None) -> TorchHandle:
+        """A handle for a model made from this one (folded, recalibrated): same path, example
+        input, shape source, dynamic dims and notes."""
+        new = TorchHandle(
+            self.path,
+            format,
+            module,
+            exported,
+            input_shapes=self._input_shapes,
+            dynamic_dims=self._dynamic_dims,
+            factory_shape=self._factory_shape,
+            notes=self.notes,
+        )
+        new._example = dict(self.example_named)
+        new._shape_source = self._shape_source
+        new._guess_note = self._guess_note
+        return new
+
+    @property
     def exported(self) -> Any:
         """The ExportedProgram (None when the model could not be traced)."""
         if not self._traced:
             self._traced = True
-            self._exported, self._graph_error = self._trace()
+            self._exported, self._graph_error = trace(self)
         return self._exported
 
     @property
@@ -97,6 +191,8 @@ class TorchHandle(ModelHandle):
                 self.example_named if ep is None else {},
                 outs,
             )
+            if self._shape_source == GUESS:
+                self._info = replace(self._info, input_guessed=True)
         return self._info
 
     def runnable(self) -> Any:
@@ -106,7 +202,7 @@ class TorchHandle(ModelHandle):
         signature does not list them as mutated), and ``ep.module()`` shares them with the
         program: the runnable gets its own copy of every buffer (statistics are small; the
         parameters stay shared), so running never changes the loaded program's statistics."""
-        if getattr(self, "_runnable", None) is None:
+        if self._runnable is None:
             if self.format == "pt2" and self._exported is not None:
                 gm = self._exported.module()
                 for mod in gm.modules():
@@ -132,8 +228,12 @@ class TorchHandle(ModelHandle):
             with torch.inference_mode(), quiet_torch():
                 out = self.runnable()(*tensors)
         except Exception as exc:
-            raise InputError(f"{self.path}: the model failed to run: {first_line(exc)}") from None
+            raise self.run_error(exc, tensors) from None
         return numpy_outputs(out)
+
+    def run_error(self, exc: BaseException, tensors: Sequence[Any]) -> InputError:
+        """The error for a forward that raised ``exc`` on ``tensors`` (``example.run_error``)."""
+        return run_error(self, exc, tensors)
 
     def input_tensors(self, feeds: Mapping[str, np.ndarray]) -> list[Any]:
         """``feeds`` as the forward's positional tensors (CPU): matched by argument name, a
@@ -168,13 +268,9 @@ class TorchHandle(ModelHandle):
 
         if self.exported is not None:
             ep, steps = fold_graph(self, affine=affine)
-            new = TorchHandle(self.path, "pt2", ep.module(), ep)
-            new._example = dict(self.example_named)
-            return new, steps
+            return self.derive("pt2", ep.module(), ep), steps
         module, steps = fold_eager(self)
-        new = TorchHandle(self.path, self.format, module, input_shapes=self._input_shapes)
-        new._example = dict(self.example_named)
-        return new, steps
+        return self.derive(self.format, module), steps
 
     def moment_runner(self, *, batch_stats: bool) -> Any:
         from bncheck.backends.torch.stats import moment_runner
@@ -199,54 +295,29 @@ class TorchHandle(ModelHandle):
             fmt = self.format
         if fmt is None:
             raise InputError(f"{path}: cannot write a {self.format} model as {suffix or 'this'}")
+        self.check_output(path)
         save_torch(self, path, fmt)
+
+    def program_to_write(self) -> Any:
+        """The ExportedProgram a .pt2/.onnx is written from (``trace.program_to_write``)."""
+        from bncheck.backends.torch.trace import program_to_write
+
+        return program_to_write(self)
 
     # ------------------------------------------------------------------------------------------
 
     def _build_example(self) -> dict[str, Any]:
-        import torch
-
-        shapes = self._input_shapes
         if self.format == "pt2":
+            self._shape_source = GIVEN if self._input_shapes else PROGRAM
             return self._pt2_example()
-        dtype = next((p.dtype for p in self.module.parameters() if p.is_floating_point()), None)
-        dtype = dtype or torch.float32
-        names, required = _forward_args(self.module)
-        if shapes:
-            if "" in shapes:
-                if len(shapes) > 1 or len(required) > 1:
-                    raise InputError(
-                        f"{self.path}: model takes inputs {', '.join(names)}; "
-                        "give --input-shape name=dims for each"
-                    )
-                return {names[0] if names else "x": _seeded_randn(shapes[""], dtype)}
-            unknown = [k for k in shapes if k not in names]
-            if unknown:
-                raise InputError(
-                    f"{self.path}: no model input named {unknown[0]!r} (inputs: {', '.join(names)})"
-                )
-            given = [n for n in names if n in shapes]
-            if given != names[: len(given)] or not set(required) <= set(given):
-                raise InputError(f"{self.path}: give --input-shape for inputs {', '.join(names)}")
-            return {n: _seeded_randn(shapes[n], dtype) for n in given}
-        first = names[0] if names else "x"
-        shape = getattr(self.module, "example_input_shape", None)
-        if isinstance(shape, (tuple, list)) and all(isinstance(d, int) for d in shape):
-            return {first: _seeded_randn(tuple(shape), dtype)}
-        for name, m in self.module.named_modules():
-            kind = class_name(m)
-            if kind in _GUESS_SPATIAL and hasattr(m, "in_channels"):
-                shape = (2, m.in_channels, *_GUESS_SPATIAL[kind])
-            elif kind == "Linear" and hasattr(m, "in_features"):
-                shape = (2, m.in_features)
-            else:
-                continue
-            self.notes.append(
-                f"example input {first}{list(shape)} guessed from '{name}' ({kind}); "
-                "pass --input-shape to set it"
-            )
-            return {first: _seeded_randn(shape, dtype)}
-        return {}
+        example, source, note = build_example(
+            self.path, self.module, self._input_shapes, self._shape_source, self._factory_shape
+        )
+        self._shape_source = source
+        if note and note not in self.notes:
+            self._guess_note = note
+            self.notes.append(note)
+        return example
 
     def _pt2_example(self) -> dict[str, Any]:
         import torch
@@ -267,40 +338,11 @@ class TorchHandle(ModelHandle):
                 continue
             dims = shapes.get(n) or tuple(d if isinstance(d, int) else 2 for d in val.shape)
             out[n] = (
-                _seeded_randn(dims, val.dtype)
+                seeded_randn(dims, val.dtype)
                 if val.is_floating_point()
                 else torch.zeros(dims, dtype=val.dtype)
             )
         return out
-
-    def _trace(self) -> tuple[Any, str | None]:
-        import torch
-
-        example = self.example_named
-        if not example:
-            return None, "could not trace the model: no example input (pass --input-shape)"
-        work = copy.deepcopy(self.module).eval()
-        # A dynamic batch dim first, so the traced graph (and a fold written from it) runs any
-        # batch size; a model that pins its batch size is traced as it is.
-        batched = tuple(
-            torch.cat([x, x]) if hasattr(x, "dim") and x.dim() > 0 and x.shape[0] == 1 else x
-            for x in example.values()
-        )
-        dims = tuple(
-            {0: torch.export.Dim("batch", min=1)} if hasattr(x, "dim") and x.dim() > 0 else None
-            for x in batched
-        )
-        with quiet_torch():
-            try:
-                return torch.export.export(work, batched, dynamic_shapes=dims, strict=False), None
-            except Exception:
-                pass
-            try:
-                return torch.export.export(work, tuple(example.values()), strict=False), None
-            except InputError:
-                raise
-            except Exception as exc:
-                return None, f"could not trace the model: {first_line(exc)}"
 
     def _eager_outputs(self) -> tuple[Any, ...]:
         import torch
@@ -314,15 +356,6 @@ class TorchHandle(ModelHandle):
         except Exception:
             return ()
         return tuple(out) if isinstance(out, (tuple, list)) else (out,)
-
-
-def _seeded_randn(shape: Any, dtype: Any) -> Any:
-    """An example input from a fixed seed: the trace embeds it in a written .pt2
-    (sample_inputs), and the same command must write the same bytes."""
-    import torch
-
-    gen = torch.Generator().manual_seed(0)
-    return torch.randn(tuple(shape), generator=gen).to(dtype)
 
 
 def numpy_outputs(out: Any) -> list[np.ndarray]:
@@ -344,17 +377,6 @@ def _flat_tensors(out: Any) -> list[Any]:
     return [out] if hasattr(out, "detach") else []
 
 
-def _forward_args(module: Any) -> tuple[list[str], list[str]]:
-    """Positional forward arguments, and those of them without a default."""
-    try:
-        params = inspect.signature(module.forward).parameters.values()
-    except (TypeError, ValueError):
-        return [], []
-    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    names = [p for p in params if p.kind in kinds]
-    return [p.name for p in names], [p.name for p in names if p.default is inspect.Parameter.empty]
-
-
 def open_torch(
     path: Path,
     *,
@@ -363,15 +385,31 @@ def open_torch(
     arch_kwargs: dict[str, Any] | None = None,
     trust_pickle: bool = False,
     input_shapes: dict[str, tuple[int, ...]] | None = None,
+    dynamic_dims: Shapes | None = None,
+    checkpoint_key: str | None = None,
 ) -> TorchHandle:
     """Load a PyTorch file identified as ``kind`` by ``sniff`` and return its handle.
 
+    ``dynamic_dims`` (input name or ``""`` → axes) are kept dynamic in written files;
+    ``checkpoint_key`` picks the state dict of a checkpoint that holds several.
     Raises InputError for malformed files or a bad ``--arch``, UnsafeInputError for files that
     could run code without ``trust_pickle``.
     """
     loaded = load_torch(
-        Path(path), kind=kind, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle
+        Path(path),
+        kind=kind,
+        arch=arch,
+        arch_kwargs=arch_kwargs,
+        trust_pickle=trust_pickle,
+        checkpoint_key=checkpoint_key,
     )
     return TorchHandle(
-        Path(path), loaded.format, loaded.module, loaded.exported, input_shapes=input_shapes
+        Path(path),
+        loaded.format,
+        loaded.module,
+        loaded.exported,
+        input_shapes=input_shapes,
+        dynamic_dims=dynamic_dims,
+        factory_shape=loaded.example_shape,
+        notes=loaded.notes,
     )

@@ -324,10 +324,14 @@ def _export_inputs(handle: Any) -> tuple[tuple[Any, ...], Any]:
                 rng = ep.range_constraints.get(d.node.expr)
                 lo = max(int(rng.lower), 1) if rng is not None else 1
                 hi = _finite(rng.upper) if rng is not None else None
-                name = "batch" if not dims else f"dim{len(dims)}"
-                dim = torch.export.Dim(name, min=lo, max=hi) if hi else torch.export.Dim(
-                    name, min=lo
-                )  # fmt: skip
+                if dims:
+                    # Other dims (--dynamic-dims) carry guards such as "a strided conv's output
+                    # is not 1": AUTO lets export derive their range again instead of failing.
+                    dim = torch.export.Dim.AUTO
+                elif hi:
+                    dim = torch.export.Dim("batch", min=lo, max=hi)
+                else:
+                    dim = torch.export.Dim("batch", min=lo)
                 dims[key] = (dim, hi)
             dim, hi = dims[key]
             entry[axis] = dim

@@ -9,6 +9,10 @@ Formats (``kind`` comes from ``bncheck.backends.sniff``):
   the user passed ``--trust-pickle``.
 - ``safetensors``: header checked against the file size, then ``safetensors.torch.load_file``.
 - ``torchscript``: runs code by design, so only with ``--trust-pickle``.
+
+A training checkpoint may hold several state dicts (``{'epoch', 'net', 'ema', 'optimizer'}``,
+Lightning's ``{'state_dict', …}``): ``--checkpoint-key`` picks one; without it the only one,
+or the only one whose keys fit ``--arch``, is taken, and anything else is refused with the list.
 """
 
 from __future__ import annotations
@@ -24,11 +28,12 @@ import struct
 import warnings
 import zipfile
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bncheck.backends.torch.arch import build_arch, load_into
+from bncheck.backends.torch.checkpoint import pick_state_dict, state_dicts
 from bncheck.errors import InputError, UnsafeInputError, first_line
 
 # Decompressed bytes a model file may expand to. Generous for real checkpoints, small enough that
@@ -57,6 +62,8 @@ class Loaded:
     format: str  # pt2 | state_dict | safetensors | torchscript | pickle
     module: Any  # torch.nn.Module (ep.module() for .pt2)
     exported: Any = None  # torch.export.ExportedProgram for .pt2
+    example_shape: Any = None  # example_input_shape of the --arch factory or its module
+    notes: list[str] = field(default_factory=list)  # which checkpoint entry, prefixes stripped
 
 
 @contextlib.contextmanager
@@ -265,23 +272,6 @@ def _torch_load(path: Path, *, trust_pickle: bool) -> Any:
         raise InputError(f"{path}: could not be unpickled ({first_line(exc)})") from None
 
 
-def _as_state_dict(obj: Any) -> dict[str, Any] | None:
-    """The tensor mapping in ``obj``; a ``{"state_dict": …}`` / ``{"model": …}`` wrapper allowed."""
-    import torch
-
-    if not isinstance(obj, Mapping):
-        return None
-    for key in ("state_dict", "model"):
-        inner = obj.get(key)
-        if isinstance(inner, Mapping) and inner:
-            found = _as_state_dict(inner)
-            if found is not None:
-                return found
-    if obj and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
-        return dict(obj)
-    return None
-
-
 # --------------------------------------------------------------------------------- safetensors
 
 
@@ -334,8 +324,10 @@ def load_torch(
     arch: str | None,
     arch_kwargs: dict[str, Any] | None,
     trust_pickle: bool,
+    checkpoint_key: str | None = None,
 ) -> Loaded:
-    """Load ``path`` (identified as ``kind`` by its bytes) into a module / ExportedProgram."""
+    """Load ``path`` (identified as ``kind`` by its bytes) into a module / ExportedProgram;
+    ``checkpoint_key`` picks the state dict of a checkpoint holding several."""
     import torch
 
     if kind == "pt2":
@@ -373,7 +365,7 @@ def load_torch(
             raise InputError(
                 f"{path}: not a readable safetensors file ({first_line(exc)})"
             ) from None
-        return _from_state(path, state, arch, arch_kwargs, "safetensors")
+        return _from_state(path, state, arch, arch_kwargs, "safetensors", checkpoint_key)
     if kind not in ("torch_zip", "pickle"):
         raise InputError(f"{path}: not a PyTorch file ({kind})")
     if kind == "torch_zip":
@@ -382,19 +374,38 @@ def load_torch(
     obj = _torch_load(path, trust_pickle=trust_pickle)
     if isinstance(obj, torch.nn.Module):
         return Loaded("pickle", obj)
-    state = _as_state_dict(obj)
-    if state is None:
-        raise InputError(f"{path}: holds a {type(obj).__name__}, not a model or a state dict")
-    return _from_state(path, state, arch, arch_kwargs, "state_dict")
+    # A trusted checkpoint may hold the pickled model itself ({'model': Module, 'epoch': …}).
+    modules = {k: v for k, v in obj.items() if isinstance(v, torch.nn.Module)} if isinstance(
+        obj, Mapping
+    ) else {}  # fmt: skip
+    if modules and not state_dicts(obj) and (checkpoint_key in modules or len(modules) == 1):
+        key = checkpoint_key if checkpoint_key in modules else next(iter(modules))
+        return Loaded("pickle", modules[key], notes=[f"model taken from checkpoint entry {key!r}"])
+    return _from_state(path, obj, arch, arch_kwargs, "state_dict", checkpoint_key)
 
 
 def _from_state(
-    path: Path, state: dict[str, Any], arch: str | None, kwargs: dict[str, Any] | None, fmt: str
+    path: Path,
+    obj: Any,
+    arch: str | None,
+    kwargs: dict[str, Any] | None,
+    fmt: str,
+    checkpoint_key: str | None,
 ) -> Loaded:
     if not arch:
-        raise InputError(f"{path}: a state dict; pass --arch pkg.module:factory")
-    model = build_arch(arch, kwargs)
-    load_into(path, model, state, arch)
+        found = [p for p, _ in state_dicts(obj) if p]
+        what = f"a checkpoint with state dicts under {', '.join(map(repr, found))}" if found else (
+            "a state dict"
+        )  # fmt: skip
+        if not found:
+            pick_state_dict(path, obj, checkpoint_key)  # says what the file holds instead
+        raise InputError(f"{path}: {what}; pass --arch pkg.module:factory")
+    model, shape = build_arch(arch, kwargs)
+    key, state = pick_state_dict(path, obj, checkpoint_key, model.state_dict())
+    notes = [f"state dict taken from checkpoint entry {key!r}"] if key else []
+    stripped = load_into(path, model, state, arch)
+    if stripped:
+        notes.append(f"key prefix {''.join(stripped)!r} stripped to match --arch {arch}")
     # A state dict records no train/eval mode; judge the weights as a deployed model.
     model.eval()
-    return Loaded(fmt, model)
+    return Loaded(fmt, model, example_shape=shape, notes=notes)

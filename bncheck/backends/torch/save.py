@@ -137,10 +137,38 @@ def save_onnx_from_program(ep: Any, path: Path, output_names: list[str] | None =
         fold_constants(program.model)
         common_passes.RemoveUnusedNodesPass()(program.model)
         proto = program.model_proto
+        _name_dims(proto, ep)
         onnx.checker.check_model(proto)
         onnx.save(proto, str(tmp))
 
     _write(path, write, "the ONNX model")
+
+
+def _name_dims(proto: Any, ep: Any) -> None:
+    """Rename the exporter's symbols (``s77``) in the written graph's dims to what they are
+    (``batch``, ``height``, ``width``: ``example.axis_label``), inputs, outputs and value
+    infos alike, so a reader of the .onnx sees which dims are free."""
+    import re
+
+    from bncheck.backends.torch.example import axis_label
+
+    nodes = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
+    inputs = list(ep.graph_signature.user_inputs)
+    names: dict[str, str] = {}
+    for name in inputs:
+        shape = getattr(nodes[name].meta.get("val"), "shape", ()) if name in nodes else ()
+        for axis, d in enumerate(shape):
+            sym = str(d)
+            if re.fullmatch(r"s\d+", sym) and sym not in names:
+                names[sym] = axis_label(name, axis, len(shape), len(inputs) > 1)
+    if not names:
+        return
+    pattern = re.compile(r"\b(" + "|".join(map(re.escape, names)) + r")\b")
+    graph = proto.graph
+    for value in (*graph.input, *graph.output, *graph.value_info):
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param:
+                dim.dim_param = pattern.sub(lambda m: names[m.group(1)], dim.dim_param)
 
 
 def save_state_dict(module: Any, path: Path) -> None:
@@ -183,9 +211,8 @@ def save_torch(model: Any, path: Path, fmt: str) -> None:
         ep = model
     elif hasattr(model, "framework") and hasattr(model, "module"):
         module = model.module
-        ep = model.exported if fmt in ("pt2", "onnx") else None
-        if fmt in ("pt2", "onnx") and ep is None:
-            raise InputError(f"{path}: cannot write {fmt}: {model.graph_error}")
+        # The program a file is written from keeps the batch and --dynamic-dims dynamic.
+        ep = model.program_to_write() if fmt in ("pt2", "onnx") else None
     else:
         module = model
     if fmt in ("pt2", "onnx"):

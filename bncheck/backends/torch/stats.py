@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from bncheck.backends.torch.graph import BN_OPS, op_args, packet
-from bncheck.errors import InputError, first_line
+from bncheck.errors import InputError
 from bncheck.numerics import Moments
 
 MomentRunner = Callable[[Mapping[str, np.ndarray]], tuple[list[np.ndarray], dict[str, Moments]]]
@@ -193,8 +193,7 @@ def moment_runner(handle: Any, *, batch_stats: bool) -> MomentRunner:
         except InputError:
             raise
         except Exception as exc:
-            first = first_line(exc)
-            raise InputError(f"{handle.path}: the model failed to run: {first}") from None
+            raise handle.run_error(exc, tensors) from None
         outs = numpy_outputs(out)
         return outs, dict(current)
 
@@ -210,8 +209,6 @@ def with_stats(
     """A new handle whose BN running_mean/running_var hold ``stats``, cast to the stored dtype,
     ``num_batches_tracked`` set to ``num_batches`` when given; every other tensor untouched."""
     import torch
-
-    from bncheck.backends.torch import TorchHandle
 
     def put(tensors: dict[str, Any], prefix: str, mean: np.ndarray, var: np.ndarray) -> None:
         for key, value in (("running_mean", mean), ("running_var", var)):
@@ -230,16 +227,13 @@ def with_stats(
         for name, (mean, var) in stats.items():
             put(state, name, mean, var)
         ep._state_dict = state  # a shallow copy with its own state dict: the source is unchanged
-        new = TorchHandle(handle.path, "pt2", ep.module(), ep)
-    else:
-        module = copy.deepcopy(handle.module)
-        for name, (mean, var) in stats.items():
-            owner = module.get_submodule(name)
-            keys = ("running_mean", "running_var", "num_batches_tracked")
-            buffers = {k: getattr(owner, k) for k in keys if hasattr(owner, k)}
-            put(buffers, "", mean, var)
-            for k, v in buffers.items():
-                owner._buffers[k] = v
-        new = TorchHandle(handle.path, handle.format, module, input_shapes=handle._input_shapes)
-    new._example = dict(handle.example_named)
-    return new
+        return handle.derive("pt2", ep.module(), ep)
+    module = copy.deepcopy(handle.module)
+    for name, (mean, var) in stats.items():
+        owner = module.get_submodule(name)
+        keys = ("running_mean", "running_var", "num_batches_tracked")
+        buffers = {k: getattr(owner, k) for k in keys if hasattr(owner, k)}
+        put(buffers, "", mean, var)
+        for k, v in buffers.items():
+            owner._buffers[k] = v
+    return handle.derive(handle.format, module)
