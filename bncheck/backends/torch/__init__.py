@@ -135,6 +135,23 @@ class TorchHandle(ModelHandle):
             raise InputError(f"{self.path}: the model failed to run: {first_line(exc)}") from None
         return numpy_outputs(out)
 
+    def run_reference(self, feeds: Mapping[str, np.ndarray]) -> tuple[list[np.ndarray], str]:
+        """:meth:`run` in float64 (a cached float64 copy of the runnable, float inputs widened),
+        for verification's noise yardstick."""
+        import torch
+
+        from bncheck.backends.torch.fold import float64_copy
+
+        if getattr(self, "_float64", None) is None:
+            self._float64 = float64_copy(self.runnable())
+        tensors = [t.double() if t.is_floating_point() else t for t in self.input_tensors(feeds)]
+        try:
+            with torch.inference_mode(), quiet_torch():
+                out = self._float64(*tensors)
+        except Exception as exc:
+            raise InputError(f"{self.path}: no float64 run: {first_line(exc)}") from None
+        return numpy_outputs(out), "float64 vs the model's dtype"
+
     def input_tensors(self, feeds: Mapping[str, np.ndarray]) -> list[Any]:
         """``feeds`` as the forward's positional tensors (CPU): matched by argument name, a
         single feed going to a single input whatever its name; floating-point feeds cast to the

@@ -1,0 +1,268 @@
+"""Verification: run the original and the transformed model on the same input and judge the
+difference per output with :mod:`bncheck.numerics.verify` (the bound and its default tolerance
+are defined there).
+
+Its cost is sized to the model: batches that fit in memory (:data:`BATCH_ELEMENTS` input
+elements), as many samples as :data:`VERIFY_SECONDS` of running allows after the first batch (at
+most :data:`VERIFY_SAMPLES`), one onnxruntime session per model, and the model's own rounding
+spread measured (one more run, on the batch with the largest error) only when an error is above
+the dtype's floor. A graph that runs only at batch 1 (a batch size baked into a Reshape) is
+verified sample by sample.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from bncheck.backends import ModelHandle
+from bncheck.errors import InputError
+from bncheck.layers import ModelInfo
+from bncheck.numerics.verify import (
+    FLOOR_ULPS,
+    SPREAD_FACTOR,
+    ErrorTally,
+    OutputVerdict,
+    Tolerance,
+    judge,
+    max_difference,
+    needs_spread,
+    passing_tolerance,
+    sample_budget,
+    worst_output,
+)
+
+VERIFY_SAMPLES = 32  # at most this many samples
+VERIFY_BATCH = 8  # at most this many samples per batch
+VERIFY_SECONDS = 2.0  # samples after the first batch only while the runs stay within this
+BATCH_ELEMENTS = 2**21  # input elements per batch (8 MB of float32): activations stay small
+
+
+@dataclass
+class Verification:
+    """Original vs transformed outputs on the same input.
+
+    ``max_abs_error``/``max_rel_error`` are maxima over outputs (``err`` and ``err/max|ref|``
+    per output, over every sample); ``rtol``/``atol``/``basis`` are the bound of
+    ``worst_output``, the output furthest towards or past its bound; ``outputs`` has every
+    output's figures. ``suggested`` is the tolerance that would pass a failed verification.
+    """
+
+    inputs: str  # what was fed
+    samples: int
+    batch_size: int
+    rtol: float
+    atol: float
+    max_abs_error: float
+    max_rel_error: float
+    top1_agreement: float | None
+    passed: bool
+    worst_output: str | None = None
+    basis: str = ""
+    outputs: list[OutputVerdict] = field(default_factory=list)
+    suggested: Tolerance | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def worst(self) -> OutputVerdict | None:
+        return next((o for o in self.outputs if o.name == self.worst_output), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in self.__dict__.items() if k not in ("outputs", "suggested")}
+        d["outputs"] = [o.to_dict() for o in self.outputs]
+        d["suggested"] = None if self.suggested is None else self.suggested._asdict()
+        return d
+
+
+def model_dtype(info: ModelInfo) -> str:
+    """The float dtype verification judges in: the first float input's, else the BN parameters'."""
+    for spec in info.inputs:
+        if spec.dtype in ("float16", "bfloat16", "float32", "float64"):
+            return spec.dtype
+    for layer in info.bn_layers:
+        if layer.param_dtype in ("float16", "bfloat16", "float32", "float64"):
+            return layer.param_dtype
+    return "float32"
+
+
+def verify_same_function(
+    original: ModelHandle,
+    candidate: ModelHandle,
+    *,
+    data: str | os.PathLike[str] | None = None,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    rtol: float | None = None,
+    atol: float | None = None,
+    max_samples: int = VERIFY_SAMPLES,
+    seconds: float = VERIFY_SECONDS,
+    seed: int = 0,
+) -> Verification:
+    """Run both models on ``data`` (or seeded N(0, 1) input) and judge every output.
+
+    Passes when each output k has ``max|c − r| ≤ atol + rtol_k·max|r|``; ``rtol_k`` is derived
+    from the dtype and the model unless ``rtol`` is given (``numerics.verify``). The batch is
+    ``input_shapes``' batch dim when given, else what fits :data:`BATCH_ELEMENTS`; a model that
+    fails at that batch but runs at batch 1 is verified sample by sample.
+    """
+    info = original.info()
+    dtype = model_dtype(info)
+    notes: list[str] = []
+    given_batch = _given_batch(input_shapes)
+
+    def open_source(batch: int, samples: int) -> Any:
+        from bncheck.data import open_data
+
+        return open_data(
+            data,
+            inputs=info.inputs,
+            batch_size=batch,
+            max_samples=samples,
+            synthetic=data is None,
+            seed=seed,
+            input_shapes=input_shapes,
+        )
+
+    source = open_source(given_batch or VERIFY_BATCH, max_samples)
+    batch = given_batch or _fitting_batch(source)
+    if batch != source.batch_size and source.batch_size == (given_batch or VERIFY_BATCH):
+        source = open_source(batch, max_samples)
+    tally = ErrorTally([o.name for o in info.outputs])
+
+    # The first batch: where a graph that only runs at batch 1 shows itself.
+    feeds = source.first_batch()
+    try:
+        ref = original.run(feeds)
+    except InputError:
+        if source.batch_size == 1:
+            raise
+        single = open_source(1, max_samples)
+        feeds = single.first_batch()
+        ref = original.run(feeds)  # an error here is the model's, not the batch size's
+        notes.append(
+            f"the model does not run at batch {source.batch_size} (its graph fixes batch 1 "
+            "somewhere): verified sample by sample"
+        )
+        source = single
+    got = _run_candidate(candidate, feeds, ref)
+    worst = (tally.add(ref, got), feeds, ref)
+
+    def run(batch_feeds: Mapping[str, np.ndarray]) -> None:
+        nonlocal worst
+        r = original.run(batch_feeds)
+        ratio = tally.add(r, _run_candidate(candidate, batch_feeds, r))
+        if ratio > worst[0]:
+            worst = (ratio, batch_feeds, r)
+
+    # Batch 0 paid for sessions and warm-up; batch 1, timed, sets how many samples run.
+    done = source.batch_size
+    batches = iter(source)
+    for index, batch_feeds in enumerate(batches):
+        if index == 0:
+            continue
+        start = time.perf_counter()
+        run(batch_feeds)
+        if index > 1:
+            continue
+        taken = len(next(iter(batch_feeds.values())))
+        done += taken
+        per_sample = (time.perf_counter() - start) / taken
+        n = sample_budget(
+            per_sample,
+            batch=source.batch_size,
+            done=done,
+            max_samples=source.num_samples,
+            seconds=seconds,
+        )
+        if n < source.num_samples:
+            batches.close()  # type: ignore[attr-defined]
+            notes.append(
+                f"{n} of {source.num_samples} samples: each takes {per_sample:.2g} s through "
+                f"both models, and verification runs for about {seconds:g} s"
+            )
+            source = open_source(source.batch_size, n)
+            for later, batch_feeds in enumerate(source):
+                if later > 1:
+                    run(batch_feeds)
+            break
+
+    spread, how = None, ""
+    if rtol is None and needs_spread(tally, dtype, atol=atol or 0.0):
+        spread, how = _spread(original, worst[1], worst[2], notes)
+    verdicts = judge(tally, dtype, spread=spread, rtol=rtol, atol=atol)
+    top = worst_output(verdicts)
+    return Verification(
+        inputs=source.description,
+        samples=source.num_samples,
+        batch_size=source.batch_size,
+        rtol=top.rtol if top else (rtol or 0.0),
+        atol=top.atol if top else (atol or 0.0),
+        max_abs_error=max((v.max_abs_error for v in verdicts), default=0.0),
+        max_rel_error=max((v.max_rel_error for v in verdicts), default=0.0),
+        top1_agreement=tally.top1,
+        passed=all(v.passed for v in verdicts),
+        worst_output=top.name if top else None,
+        basis=_basis_text(top, dtype, how) if top else "",
+        outputs=verdicts,
+        suggested=passing_tolerance(verdicts),
+        notes=notes,
+    )
+
+
+def _given_batch(input_shapes: Mapping[str, Sequence[int]] | None) -> int | None:
+    """The batch dim of ``--input-shape`` (all given shapes must agree), or None."""
+    batches = {int(s[0]) for s in (input_shapes or {}).values() if len(s) > 0}
+    if len(batches) > 1:
+        raise InputError(f"--input-shape gives different batch sizes: {sorted(batches)}")
+    return batches.pop() if batches else None
+
+
+def _fitting_batch(source: Any) -> int:
+    """Samples per batch so a batch holds at most BATCH_ELEMENTS input elements (1..8)."""
+    per_sample = sum(math.prod(col.sample_shape) for col in source.columns.values())
+    return max(1, min(VERIFY_BATCH, BATCH_ELEMENTS // max(per_sample, 1)))
+
+
+def _run_candidate(
+    candidate: ModelHandle, feeds: Mapping[str, np.ndarray], ref: list[np.ndarray]
+) -> list[np.ndarray]:
+    got = candidate.run(feeds)
+    if len(got) != len(ref):
+        raise InputError(f"the folded model has {len(got)} outputs, the original {len(ref)}")
+    return got
+
+
+def _spread(
+    original: ModelHandle,
+    feeds: Mapping[str, np.ndarray],
+    ref: list[np.ndarray],
+    notes: list[str],
+) -> tuple[list[float] | None, str]:
+    """Per output ``max |r' − r|`` with ``r'`` the model's second evaluation, and how it ran."""
+    try:
+        alt, how = original.run_reference(feeds)
+        if len(alt) != len(ref):
+            raise InputError(f"its second evaluation gave {len(alt)} outputs, not {len(ref)}")
+        return [max_difference(r, a)[0] for r, a in zip(ref, alt, strict=True)], how
+    except (NotImplementedError, InputError, ValueError) as exc:
+        notes.append(f"the model's own rounding spread could not be measured: {exc}")
+        return None, ""
+
+
+def _basis_text(v: OutputVerdict, dtype: str, how: str) -> str:
+    """Where ``v.rtol`` came from, in words."""
+    if v.basis == "given":
+        return "as given"
+    if v.basis == "floor":
+        return f"{FLOOR_ULPS} rounding units of {dtype}"
+    if v.basis == "spread":
+        spread = v.spread if v.spread is not None else 0.0
+        rel = spread / v.max_ref if v.max_ref > 0 else math.inf
+        return f"{SPREAD_FACTOR:g}× the model's own spread {rel:.2g} ({how})"
+    why = "identical" if v.spread == 0.0 else "not measured"
+    return f"fixed {dtype} tolerance: the model's own spread is {why}"
