@@ -69,7 +69,8 @@ def verification_line(result: FoldResult) -> str:
     return f"{line} · on {v.inputs}"
 
 
-def _bn_text(result: FoldResult) -> str:
+def bn_text(result: FoldResult) -> str:
+    """ "folded N of M BN layers[, K made scale+shift]", or "no BN layers"."""
     n = len(result.steps)
     if not n:
         return "no BN layers"
@@ -96,7 +97,7 @@ def summary_line(result: FoldResult) -> str:
     else:
         wrote = "no file written" if not result.passed else "no output requested"
     if not result.changed:
-        return f"{result.source.path}: nothing to fold ({_bn_text(result)}) · {wrote}"
+        return f"{result.source.path}: nothing to fold ({bn_text(result)}) · {wrote}"
     nodes = (
         f", nodes {before['nodes']} → {after['nodes']}"
         if before["nodes"] is not None and after["nodes"] is not None
@@ -104,7 +105,7 @@ def summary_line(result: FoldResult) -> str:
     )
     merged = f", merged {len(result.merges)} Mul/Add" if result.merges else ""
     return (
-        f"{result.source.path}: {_bn_text(result)} (BN left: {after['bn_layers']}){merged}"
+        f"{result.source.path}: {bn_text(result)} (BN left: {after['bn_layers']}){merged}"
         f"{nodes} · {wrote}"
     )
 
