@@ -3,8 +3,9 @@ difference per output with :mod:`bncheck.numerics.verify` (the bound and its def
 are defined there).
 
 Its cost is sized to the model: batches that fit in memory (:data:`BATCH_ELEMENTS` input
-elements), as many samples as :data:`VERIFY_SECONDS` of running allows after the first batch (at
-most :data:`VERIFY_SAMPLES`), one onnxruntime session per model, and the model's own rounding
+elements), as many samples as :data:`VERIFY_SECONDS` of running allows by the first batch's time,
+warm-up included (at most :data:`VERIFY_SAMPLES`; at least that one batch), one onnxruntime
+session per model, and the model's own rounding
 spread measured (one more run, on the batch with the largest error) only when an error is above
 the dtype's floor. A graph that runs only at batch 1 (a batch size baked into a Reshape) is
 verified sample by sample.
@@ -40,7 +41,7 @@ from bncheck.numerics.verify import (
 
 VERIFY_SAMPLES = 32  # at most this many samples
 VERIFY_BATCH = 8  # at most this many samples per batch
-VERIFY_SECONDS = 2.0  # samples after the first batch only while the runs stay within this
+VERIFY_SECONDS = 2.0  # more batches only while the runs are estimated to stay within this
 BATCH_ELEMENTS = 2**21  # input elements per batch (8 MB of float32): activations stay small
 
 
@@ -134,8 +135,10 @@ def verify_same_function(
         source = open_source(batch, max_samples)
     tally = ErrorTally([o.name for o in info.outputs])
 
-    # The first batch: where a graph that only runs at batch 1 shows itself.
+    # The first batch, timed with its warm-up (so the estimate errs towards fewer samples):
+    # where a graph that only runs at batch 1 shows itself, and what sets the sample budget.
     feeds = source.first_batch()
+    start = time.perf_counter()
     try:
         ref = original.run(feeds)
     except InputError:
@@ -143,6 +146,7 @@ def verify_same_function(
             raise
         single = open_source(1, max_samples)
         feeds = single.first_batch()
+        start = time.perf_counter()
         ref = original.run(feeds)  # an error here is the model's, not the batch size's
         notes.append(
             f"the model does not run at batch {source.batch_size} (its graph fixes batch 1 "
@@ -150,46 +154,26 @@ def verify_same_function(
         )
         source = single
     got = _run_candidate(candidate, feeds, ref)
+    first = len(next(iter(feeds.values())))
+    per_sample = (time.perf_counter() - start) / first
     worst = (tally.add(ref, got), feeds, ref)
-
-    def run(batch_feeds: Mapping[str, np.ndarray]) -> None:
-        nonlocal worst
+    n = sample_budget(
+        per_sample, batch=source.batch_size, done=first, max_samples=source.num_samples,
+        seconds=seconds,
+    )  # fmt: skip
+    if n < source.num_samples:
+        notes.append(
+            f"{n} of {source.num_samples} samples: the first took {per_sample:.2g} s each "
+            f"through both models, and verification runs for about {seconds:g} s"
+        )
+        source = open_source(source.batch_size, n)
+    for index, batch_feeds in enumerate(source):
+        if index == 0:
+            continue  # the first batch ran above
         r = original.run(batch_feeds)
         ratio = tally.add(r, _run_candidate(candidate, batch_feeds, r))
         if ratio > worst[0]:
             worst = (ratio, batch_feeds, r)
-
-    # Batch 0 paid for sessions and warm-up; batch 1, timed, sets how many samples run.
-    done = source.batch_size
-    batches = iter(source)
-    for index, batch_feeds in enumerate(batches):
-        if index == 0:
-            continue
-        start = time.perf_counter()
-        run(batch_feeds)
-        if index > 1:
-            continue
-        taken = len(next(iter(batch_feeds.values())))
-        done += taken
-        per_sample = (time.perf_counter() - start) / taken
-        n = sample_budget(
-            per_sample,
-            batch=source.batch_size,
-            done=done,
-            max_samples=source.num_samples,
-            seconds=seconds,
-        )
-        if n < source.num_samples:
-            batches.close()  # type: ignore[attr-defined]
-            notes.append(
-                f"{n} of {source.num_samples} samples: each takes {per_sample:.2g} s through "
-                f"both models, and verification runs for about {seconds:g} s"
-            )
-            source = open_source(source.batch_size, n)
-            for later, batch_feeds in enumerate(source):
-                if later > 1:
-                    run(batch_feeds)
-            break
 
     spread, how = None, ""
     if rtol is None and needs_spread(tally, dtype, atol=atol or 0.0):

@@ -353,8 +353,8 @@ def passing_tolerance(verdicts: Sequence[OutputVerdict]) -> Tolerance | None:
 def sample_budget(
     seconds_per_sample: float, *, batch: int, done: int, max_samples: int, seconds: float
 ) -> int:
-    """How many samples verification runs in all, once ``done`` have run and one steady-state
-    batch showed that a sample costs ``seconds_per_sample`` (through both models).
+    """How many samples verification runs in all, once ``done`` have run and showed that a
+    sample costs ``seconds_per_sample`` (through both models).
 
     ``n = clamp(⌊seconds / seconds_per_sample⌋, done, max_samples)``, rounded down to whole
     batches of ``batch`` (never below ``done``, never above ``max_samples``): a small model runs
