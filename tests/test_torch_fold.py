@@ -444,7 +444,15 @@ def test_cli_fold_pt2_json(tmp_path, run_cli):
     result = run_cli("fold", SAMPLES / "patterns.pt2", "-o", out, "--format", "json")
     assert result.code == 0, result
     doc = json.loads(result.out)
-    assert doc["summary"] == {"bn_layers": 13, "folded": 10, "skipped": 3, "passed": True}
+    assert doc["summary"] == {
+        "bn_layers": 13,
+        "folded": 10,
+        "affine": 0,
+        "skipped": 3,
+        "merged": 0,
+        "changed": True,
+        "passed": True,
+    }
     assert doc["verification"]["max_rel_error"] < 1e-5
     assert len(bncheck.open_model(out).info().bn_layers) == UNFOLDABLE
 

@@ -3,8 +3,8 @@ difference per output with :mod:`bncheck.numerics.verify` (the bound and its def
 are defined there).
 
 Its cost is sized to the model: batches that fit in memory (:data:`BATCH_ELEMENTS` input
-elements), as many samples as :data:`VERIFY_SECONDS` of running allows by the first batch's time,
-warm-up included (at most :data:`VERIFY_SAMPLES`; at least that one batch), one onnxruntime
+elements), as many samples as :data:`VERIFY_SECONDS` of running allows by the first batch's time
+(at most :data:`VERIFY_SAMPLES`; at least that one batch), one onnxruntime
 session per model, and the model's own rounding
 spread measured (one more run, on the batch with the largest error) only when an error is above
 the dtype's floor. A graph that runs only at batch 1 (a batch size baked into a Reshape) is
@@ -135,8 +135,10 @@ def verify_same_function(
         source = open_source(batch, max_samples)
     tally = ErrorTally([o.name for o in info.outputs])
 
-    # The first batch, timed with its warm-up (so the estimate errs towards fewer samples):
-    # where a graph that only runs at batch 1 shows itself, and what sets the sample budget.
+    # The first batch: where a graph that only runs at batch 1 shows itself, and, timed after
+    # the sessions are built, what sets the sample budget.
+    original.prepare()
+    candidate.prepare()
     feeds = source.first_batch()
     start = time.perf_counter()
     try:

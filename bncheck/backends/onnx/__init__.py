@@ -75,6 +75,9 @@ class OnnxHandle(ModelHandle):
         except Exception as exc:
             raise InputError(f"{self.path}: onnxruntime run failed: {ort_message(exc)}") from None
 
+    def prepare(self) -> None:
+        self.session()
+
     def run_reference(self, feeds: dict[str, np.ndarray]) -> tuple[list[np.ndarray], str]:
         """All outputs from a second, cached session with onnxruntime's graph optimizations on
         (ORT_ENABLE_ALL: Conv+BN fusion, reordered sums), for verification's noise yardstick."""

@@ -135,6 +135,9 @@ class TorchHandle(ModelHandle):
             raise InputError(f"{self.path}: the model failed to run: {first_line(exc)}") from None
         return numpy_outputs(out)
 
+    def prepare(self) -> None:
+        self.runnable()
+
     def run_reference(self, feeds: Mapping[str, np.ndarray]) -> tuple[list[np.ndarray], str]:
         """:meth:`run` in float64 (a cached float64 copy of the runnable, float inputs widened),
         for verification's noise yardstick."""
