@@ -110,7 +110,15 @@ def optimize(
         recal, work = _recalibrate(handle, data, calib_batch_size, notes)
     else:
         notes.append("recalibration skipped: no --data")
-    folded = fold(work, out, data=data, verify=verify, affine=affine, in_place=in_place)
+    folded = fold(
+        work,
+        out,
+        data=data,
+        verify=verify,
+        affine=affine,
+        in_place=in_place,
+        input_shapes=open_options.get("input_shapes"),  # the verification batch too
+    )
     result = OptimizeResult(before=before, fold=folded, recalibration=recal, notes=notes)
     if not folded.passed or folded.output is None:
         notes.append("nothing written: the folded model does not compute the same outputs")
