@@ -473,15 +473,8 @@ def test_cli_fold_writes_a_model_with_the_right_bn_count(tmp_path, run_cli):
     assert result.code == 0, result
     doc = json.loads(result.out)
     assert doc["schema"] == "bncheck.fold/1"
-    assert doc["summary"] == {
-        "bn_layers": 13,
-        "folded": 10,
-        "affine": 0,
-        "skipped": 3,
-        "merged": 0,
-        "changed": True,
-        "passed": True,
-    }
+    summary = dict(bn_layers=13, folded=10, affine=0, skipped=3, merged=0, changed=True)
+    assert doc["summary"] == {**summary, "passed": True}
     assert doc["after"]["bn_layers"] == 3 and doc["verification"]["max_abs_error"] < 1e-4
     assert n_bn(onnx.load(str(out))) == 3
 
