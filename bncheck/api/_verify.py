@@ -113,8 +113,6 @@ def verify_same_function(
     """
     info = original.info()
     dtype = model_dtype(info)
-    notes: list[str] = []
-    given_batch = _given_batch(input_shapes)
 
     def open_source(batch: int, samples: int) -> Any:
         from bncheck.data import open_data
@@ -129,58 +127,15 @@ def verify_same_function(
             input_shapes=input_shapes,
         )
 
-    source = open_source(given_batch or VERIFY_BATCH, max_samples)
-    batch = given_batch or _fitting_batch(source)
-    if batch != source.batch_size and source.batch_size == (given_batch or VERIFY_BATCH):
-        source = open_source(batch, max_samples)
-    tally = ErrorTally([o.name for o in info.outputs])
-
-    # The first batch: where a graph that only runs at batch 1 shows itself, and, timed after
-    # the sessions are built, what sets the sample budget.
-    original.prepare()
-    candidate.prepare()
-    feeds = source.first_batch()
-    start = time.perf_counter()
-    try:
-        ref = original.run(feeds)
-    except InputError:
-        if source.batch_size == 1:
-            raise
-        single = open_source(1, max_samples)
-        feeds = single.first_batch()
-        start = time.perf_counter()
-        ref = original.run(feeds)  # an error here is the model's, not the batch size's
-        notes.append(
-            f"the model does not run at batch {source.batch_size} (its graph fixes batch 1 "
-            "somewhere): verified sample by sample"
-        )
-        source = single
-    got = _run_candidate(candidate, feeds, ref)
-    first = len(next(iter(feeds.values())))
-    per_sample = (time.perf_counter() - start) / first
-    worst = (tally.add(ref, got), feeds, ref)
-    n = sample_budget(
-        per_sample, batch=source.batch_size, done=first, max_samples=source.num_samples,
-        seconds=seconds,
-    )  # fmt: skip
-    if n < source.num_samples:
-        notes.append(
-            f"{n} of {source.num_samples} samples: the first took {per_sample:.2g} s each "
-            f"through both models, and verification runs for about {seconds:g} s"
-        )
-        source = open_source(source.batch_size, n)
-    for index, batch_feeds in enumerate(source):
-        if index == 0:
-            continue  # the first batch ran above
-        r = original.run(batch_feeds)
-        ratio = tally.add(r, _run_candidate(candidate, batch_feeds, r))
-        if ratio > worst[0]:
-            worst = (ratio, batch_feeds, r)
-
+    run = _Comparison(original, candidate, ErrorTally([o.name for o in info.outputs]))
+    source = _sized_source(open_source, _given_batch(input_shapes), max_samples)
+    source, per_sample = run.first_batch(source, open_source)
+    source = run.budgeted(source, per_sample, seconds, open_source)
+    run.remaining_batches(source)
     spread, how = None, ""
-    if rtol is None and needs_spread(tally, dtype, atol=atol or 0.0):
-        spread, how = _spread(original, worst[1], worst[2], notes)
-    verdicts = judge(tally, dtype, spread=spread, rtol=rtol, atol=atol)
+    if rtol is None and needs_spread(run.tally, dtype, atol=atol or 0.0):
+        spread, how = run.spread()
+    verdicts = judge(run.tally, dtype, spread=spread, rtol=rtol, atol=atol)
     top = worst_output(verdicts)
     return Verification(
         inputs=source.description,
@@ -190,14 +145,107 @@ def verify_same_function(
         atol=top.atol if top else (atol or 0.0),
         max_abs_error=max((v.max_abs_error for v in verdicts), default=0.0),
         max_rel_error=max((v.max_rel_error for v in verdicts), default=0.0),
-        top1_agreement=tally.top1,
+        top1_agreement=run.tally.top1,
         passed=all(v.passed for v in verdicts),
         worst_output=top.name if top else None,
         basis=_basis_text(top, dtype, how) if top else "",
         outputs=verdicts,
         suggested=passing_tolerance(verdicts),
-        notes=notes,
+        notes=run.notes,
     )
+
+
+def _sized_source(open_source: Any, given_batch: int | None, max_samples: int) -> Any:
+    """The data at ``--input-shape``'s batch, else at the batch that fits BATCH_ELEMENTS (a
+    model that fixes its batch keeps it: ``open_data`` forces it)."""
+    asked = given_batch or VERIFY_BATCH
+    source = open_source(asked, max_samples)
+    batch = given_batch or _fitting_batch(source)
+    if batch != source.batch_size and source.batch_size == asked:
+        source = open_source(batch, max_samples)
+    return source
+
+
+@dataclass
+class _Comparison:
+    """Both models run batch by batch into one tally; ``worst`` keeps the batch with the largest
+    ``err/scale`` (its feeds and reference outputs), where the model's own spread is measured."""
+
+    original: ModelHandle
+    candidate: ModelHandle
+    tally: ErrorTally
+    worst: tuple[float, Mapping[str, np.ndarray], list[np.ndarray]] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def batch(self, feeds: Mapping[str, np.ndarray], ref: list[np.ndarray] | None = None) -> None:
+        ref = self.original.run(feeds) if ref is None else ref
+        got = self.candidate.run(feeds)
+        if len(got) != len(ref):
+            raise InputError(f"the folded model has {len(got)} outputs, the original {len(ref)}")
+        ratio = self.tally.add(ref, got)
+        if self.worst is None or ratio > self.worst[0]:
+            self.worst = (ratio, feeds, ref)
+
+    def first_batch(self, source: Any, open_source: Any) -> tuple[Any, float]:
+        """Run the first batch, timed once both models are built: where a graph that only runs
+        at batch 1 shows itself (then the source becomes batch 1). Returns (source, seconds per
+        sample)."""
+        self.original.prepare()
+        self.candidate.prepare()
+        feeds = source.first_batch()
+        start = time.perf_counter()
+        try:
+            ref = self.original.run(feeds)
+        except InputError:
+            if source.batch_size == 1:
+                raise
+            single = open_source(1, source.num_samples)
+            feeds = single.first_batch()
+            start = time.perf_counter()
+            ref = self.original.run(feeds)  # an error here is the model's, not the batch's
+            self.notes.append(
+                f"the model does not run at batch {source.batch_size} (its graph fixes batch 1 "
+                "somewhere): verified sample by sample"
+            )
+            source = single
+        self.batch(feeds, ref)
+        return source, (time.perf_counter() - start) / len(next(iter(feeds.values())))
+
+    def budgeted(self, source: Any, per_sample: float, seconds: float, open_source: Any) -> Any:
+        """The source cut to the samples ``seconds`` of runs allow (``sample_budget``)."""
+        n = sample_budget(
+            per_sample,
+            batch=source.batch_size,
+            done=min(source.batch_size, source.num_samples),
+            max_samples=source.num_samples,
+            seconds=seconds,
+        )
+        if n >= source.num_samples:
+            return source
+        self.notes.append(
+            f"{n} of {source.num_samples} samples: the first took {per_sample:.2g} s each "
+            f"through both models, and verification runs for about {seconds:g} s"
+        )
+        return open_source(source.batch_size, n)
+
+    def remaining_batches(self, source: Any) -> None:
+        for index, feeds in enumerate(source):
+            if index:  # the first batch ran already
+                self.batch(feeds)
+
+    def spread(self) -> tuple[list[float] | None, str]:
+        """Per output ``max |r' − r|`` on the worst batch, ``r'`` the original's second
+        evaluation, and how it ran; (None, "") with a note when there is none."""
+        assert self.worst is not None
+        _, feeds, ref = self.worst
+        try:
+            alt, how = self.original.run_reference(feeds)
+            if len(alt) != len(ref):
+                raise InputError(f"its second evaluation gave {len(alt)} outputs, not {len(ref)}")
+            return [max_difference(r, a)[0] for r, a in zip(ref, alt, strict=True)], how
+        except (NotImplementedError, InputError, ValueError) as exc:
+            self.notes.append(f"the model's own rounding spread could not be measured: {exc}")
+            return None, ""
 
 
 def _given_batch(input_shapes: Mapping[str, Sequence[int]] | None) -> int | None:
@@ -212,32 +260,6 @@ def _fitting_batch(source: Any) -> int:
     """Samples per batch so a batch holds at most BATCH_ELEMENTS input elements (1..8)."""
     per_sample = sum(math.prod(col.sample_shape) for col in source.columns.values())
     return max(1, min(VERIFY_BATCH, BATCH_ELEMENTS // max(per_sample, 1)))
-
-
-def _run_candidate(
-    candidate: ModelHandle, feeds: Mapping[str, np.ndarray], ref: list[np.ndarray]
-) -> list[np.ndarray]:
-    got = candidate.run(feeds)
-    if len(got) != len(ref):
-        raise InputError(f"the folded model has {len(got)} outputs, the original {len(ref)}")
-    return got
-
-
-def _spread(
-    original: ModelHandle,
-    feeds: Mapping[str, np.ndarray],
-    ref: list[np.ndarray],
-    notes: list[str],
-) -> tuple[list[float] | None, str]:
-    """Per output ``max |r' − r|`` with ``r'`` the model's second evaluation, and how it ran."""
-    try:
-        alt, how = original.run_reference(feeds)
-        if len(alt) != len(ref):
-            raise InputError(f"its second evaluation gave {len(alt)} outputs, not {len(ref)}")
-        return [max_difference(r, a)[0] for r, a in zip(ref, alt, strict=True)], how
-    except (NotImplementedError, InputError, ValueError) as exc:
-        notes.append(f"the model's own rounding spread could not be measured: {exc}")
-        return None, ""
 
 
 def _basis_text(v: OutputVerdict, dtype: str, how: str) -> str:
