@@ -126,3 +126,7 @@ def test_input_shape_batch_is_the_verification_batch(run_cli, deep):
     assert (v["batch_size"], v["samples"], v["worst_output"]) == (4, 32, "y")
     (out,) = v["outputs"]
     assert out["name"] == "y" and out["max_abs_error"] <= out["bound"]
+
+
+def test_negative_tolerance_is_refused(run_cli, deep):
+    assert_clean_error(run_cli("fold", deep, "--rtol", "-1e-4"), "--rtol must be a number ≥ 0")
