@@ -38,19 +38,32 @@ def _bn(prefix: str, x: str, y: str, c: int, rng) -> tuple[onnx.NodeProto, list]
     return node, inits
 
 
-def deep_convnet(depth: int = 24, channels: int = 16, hw: int = 16, seed: int = 0):
+def deep_convnet(
+    depth: int = 24, channels: int = 16, hw: int = 16, seed: int = 0, runtime_bias: bool = False
+):
     """``depth`` × (3×3 Conv → BN → ReLU), the last without ReLU so the output crosses zero;
     activations grow to ~1e4 by depth 24, as in real deep models whose folds float32 rounding
-    makes differ by ~1e-5 of the output scale."""
+    makes differ by ~1e-5 of the output scale.
+
+    ``runtime_bias``: each Conv gets the zero bias torch's exporter builds at run time,
+    ``Expand(CastLike(0, x), Shape(W)[:1])``, which keeps onnxruntime from fusing Conv+BN."""
     rng = np.random.default_rng(seed)
     nodes, inits = [], []
     x, cin = "x", 3
+    if runtime_bias:
+        inits.append(numpy_helper.from_array(np.array(0.0, np.float32), "zero"))
     for i in range(depth):
         w = rng.normal(0, np.sqrt(2.0 / (cin * 9)), (channels, cin, 3, 3)).astype(np.float32)
         inits.append(numpy_helper.from_array(w, f"w{i}"))
-        nodes.append(
-            helper.make_node("Conv", [x, f"w{i}"], [f"c{i}"], pads=[1] * 4, name=f"conv{i}")
-        )
+        conv_in = [x, f"w{i}"]
+        if runtime_bias:
+            nodes += [
+                helper.make_node("Shape", [f"w{i}"], [f"ws{i}"], start=0, end=1),
+                helper.make_node("CastLike", ["zero", x], [f"z{i}"]),
+                helper.make_node("Expand", [f"z{i}", f"ws{i}"], [f"bias{i}"]),
+            ]
+            conv_in.append(f"bias{i}")
+        nodes.append(helper.make_node("Conv", conv_in, [f"c{i}"], pads=[1] * 4, name=f"conv{i}"))
         out = "y" if i == depth - 1 else f"n{i}"
         bn, bn_inits = _bn(f"bn{i}", f"c{i}", out, channels, rng)
         nodes.append(bn)
@@ -59,7 +72,13 @@ def deep_convnet(depth: int = 24, channels: int = 16, hw: int = 16, seed: int = 
             nodes.append(helper.make_node("Relu", [out], [f"r{i}"], name=f"relu{i}"))
             x = f"r{i}"
         cin = channels
-    return _model(nodes, inits, ["N", 3, hw, hw], ["N", channels, hw, hw])
+    model = _model(nodes, inits, ["N", 3, hw, hw], ["N", channels, hw, hw])
+    if runtime_bias:  # the activations' types, as an exporter records them
+        model.graph.value_info.extend(
+            helper.make_tensor_value_info(f"r{i}", TensorProto.FLOAT, None)
+            for i in range(depth - 1)
+        )
+    return model
 
 
 def conv_bias_add(with_bn: bool = False) -> onnx.ModelProto:

@@ -514,6 +514,24 @@ def test_deep_model_with_one_channel_off_by_one_percent_fails(monkeypatch, layer
     assert again.passed
 
 
+@pytest.mark.parametrize("corrupt", [False, True])
+def test_when_ort_cannot_fuse_the_original_the_folded_models_spread_is_the_yardstick(
+    monkeypatch, corrupt
+):
+    """Zero biases built at run time (as torch's exporter writes them) keep onnxruntime from
+    fusing anything: its optimized run of the original is bit-identical. The folded model's
+    own engine spread (same network, same magnitudes) sets the bound instead of the fixed
+    1e-4; a fold 1% off in one channel still fails."""
+    from fold_fixtures import corrupt_one_channel, deep_convnet
+
+    if corrupt:
+        corrupt_one_channel(monkeypatch, call=12)
+    result = bncheck.fold(OnnxHandle("deep.onnx", deep_convnet(24, runtime_bias=True)))
+    v = result.verification
+    assert v.worst.basis == "spread" and "of the folded model" in v.basis
+    assert v.rtol < 1e-4 and v.passed is not corrupt
+
+
 def test_bias_add_merge_is_not_counted_as_bn():
     from fold_fixtures import conv_bias_add
 

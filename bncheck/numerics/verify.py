@@ -20,8 +20,10 @@ carries the same absolute rounding error as its neighbours, so a per-element tes
 2. *spread* — above the floor, the unfolded model's own rounding noise is measured on the same
    input: its outputs computed a second, equally valid way ``r'`` (onnxruntime with its graph
    optimizations, which fuse Conv+BN and reorder sums as a fold does; a float64 run for torch),
-   ``spread_k = max |r'_k − r_k|``. Float rounding error grows with depth and with the size of
-   intermediate activations; the spread grows with them, as it is the same kind of error. Then
+   ``spread_k = max |r'_k − r_k|`` — or, where that second run is bit-identical, the folded
+   model's own spread (the same network at the same magnitudes). Float rounding error grows
+   with depth and with the size of intermediate activations; the spread grows with them, as it
+   is the same kind of error. Then
    ``rtol_k = max(16·u, 10·spread_k / scale_k)``: the fold is one more valid evaluation, so its
    error is of the spread's order (measured: 0.8–2.3× on 8–32-layer convnets and a detector);
    10× leaves room for a fold that reorders more than the second evaluation does. A wrong fold
