@@ -107,16 +107,29 @@ def conv_relu() -> onnx.ModelProto:
     return _model(nodes, [w], ["N", 3, 8, 8], ["N", 4, 8, 8])
 
 
-def conv3d_bad_bias(c: int = 8) -> onnx.ModelProto:
-    """A Conv3d → BN whose zero bias has shape (c, 2), as a broken exporter wrote it (the ONNX
-    spec wants (c,); onnxruntime refuses the file)."""
+def conv3d_bad_bias(c: int = 8, computed: bool = False) -> onnx.ModelProto:
+    """A Conv3d → BN whose zero bias has shape (c, 2), as torch's exporter wrote it for
+    torchvision's r3d_18 (the ONNX spec wants (c,); onnxruntime refuses the file): stored
+    (the constant-folded copy), or ``computed`` at run time as the export itself does,
+    ``Expand(CastLike(0, x), Concat(Shape(W)[:1], [2]))``."""
     rng = np.random.default_rng(3)
-    inits = [
-        numpy_helper.from_array(rng.normal(0, 0.5, (c, 2, 3, 3, 3)).astype(np.float32), "w"),
-        numpy_helper.from_array(np.zeros((c, 2), np.float32), "zero_bias"),
-    ]
+    inits = [numpy_helper.from_array(rng.normal(0, 0.5, (c, 2, 3, 3, 3)).astype(np.float32), "w")]
+    nodes = []
+    if computed:
+        inits += [
+            numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+            numpy_helper.from_array(np.array([2], np.int64), "two"),
+        ]
+        nodes += [
+            helper.make_node("Shape", ["w"], ["w_out"], start=0, end=1),
+            helper.make_node("Concat", ["w_out", "two"], ["bias_shape"], axis=0),
+            helper.make_node("CastLike", ["zero", "x"], ["z"]),
+            helper.make_node("Expand", ["z", "bias_shape"], ["zero_bias"]),
+        ]
+    else:
+        inits.append(numpy_helper.from_array(np.zeros((c, 2), np.float32), "zero_bias"))
     bn, bn_inits = _bn("bn", "c", "y", c, rng)
-    nodes = [
+    nodes += [
         helper.make_node("Conv", ["x", "w", "zero_bias"], ["c"], pads=[1] * 6, name="conv3d"),
         bn,
     ]

@@ -568,14 +568,16 @@ def test_nothing_to_fold_runs_no_session_and_writes_the_input(tmp_path, monkeypa
     assert result.output == out and onnx.load(str(out)).graph == onnx.load(str(src)).graph
 
 
-def test_conv_bias_of_the_wrong_shape_is_an_input_error():
-    """A Conv3d whose zero bias has shape (8, 2): inspect does not call the BN foldable, fold
-    refuses the file naming the shapes as they are (not the flattened (16,))."""
+@pytest.mark.parametrize("computed", [False, True])
+def test_conv_bias_of_the_wrong_shape_is_an_input_error(computed):
+    """A Conv3d whose zero bias has shape (8, 2), stored or computed at run time: inspect does
+    not call the BN foldable, fold refuses the file naming the shapes as they are (not the
+    flattened (16,))."""
     from fold_fixtures import conv3d_bad_bias
 
     from bncheck.errors import InputError
 
-    handle = OnnxHandle("bad.onnx", conv3d_bad_bias())
+    handle = OnnxHandle("bad.onnx", conv3d_bad_bias(computed=computed))
     (layer,) = handle.info().bn_layers
     assert not layer.fold.foldable
     assert "bias has shape (8, 2), expected (8,)" in layer.fold.reason
