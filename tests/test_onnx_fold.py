@@ -635,3 +635,24 @@ def test_one_session_per_model(monkeypatch):
     made.clear()
     result = bncheck.fold(OnnxHandle("deep.onnx", deep_convnet(24)))
     assert sorted(made) == [False, False, True] and result.verification.samples == 32
+
+
+def test_top_level_figures_are_the_worst_outputs_and_read_together():
+    """Two outputs judged on different bases (a shallow one on the floor, the deep one on the
+    spread): the top-level error, rtol and atol are all the worst output's, so they never
+    contradict the verdict (e.g. a max rel error from one output beside another's rtol)."""
+    from fold_fixtures import deep_convnet
+
+    model = deep_convnet(24)
+    model.graph.output.append(helper.make_tensor_value_info("n0", TensorProto.FLOAT, None))
+    v = bncheck.fold(OnnxHandle("two.onnx", model)).verification
+    assert [o.name for o in v.outputs] == ["y", "n0"] and v.passed
+    w = v.worst
+    assert (v.max_abs_error, v.max_rel_error, v.rtol, v.atol) == (
+        w.max_abs_error,
+        w.max_rel_error,
+        w.rtol,
+        w.atol,
+    )
+    assert w.excess == max(o.excess for o in v.outputs)
+    assert v.max_abs_error <= v.atol + v.rtol * w.max_ref

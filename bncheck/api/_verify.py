@@ -49,10 +49,10 @@ BATCH_ELEMENTS = 2**21  # input elements per batch (8 MB of float32): activation
 class Verification:
     """Original vs transformed outputs on the same input.
 
-    ``max_abs_error``/``max_rel_error`` are maxima over outputs (``err`` and ``err/max|ref|``
-    per output, over every sample); ``rtol``/``atol``/``basis`` are the bound of
-    ``worst_output``, the output furthest towards or past its bound; ``outputs`` has every
-    output's figures. ``suggested`` is the tolerance that would pass a failed verification.
+    ``max_abs_error``, ``max_rel_error`` (``err`` and ``err/max|ref|`` over every sample),
+    ``rtol``, ``atol`` and ``basis`` are all those of ``worst_output``, the output furthest
+    towards or past its bound, so they can be read together; ``outputs`` has every output's
+    figures. ``suggested`` is the tolerance that would pass a failed verification.
     """
 
     inputs: str  # what was fed
@@ -143,8 +143,8 @@ def verify_same_function(
         batch_size=source.batch_size,
         rtol=top.rtol if top else (rtol or 0.0),
         atol=top.atol if top else (atol or 0.0),
-        max_abs_error=max((v.max_abs_error for v in verdicts), default=0.0),
-        max_rel_error=max((v.max_rel_error for v in verdicts), default=0.0),
+        max_abs_error=top.max_abs_error if top else 0.0,
+        max_rel_error=top.max_rel_error if top else 0.0,
         top1_agreement=run.tally.top1,
         passed=all(v.passed for v in verdicts),
         worst_output=top.name if top else None,
