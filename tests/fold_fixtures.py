@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 
@@ -171,3 +172,9 @@ def corrupt_one_channel(monkeypatch, call: int, channel: int = 3, factor: float 
         return w, b
 
     monkeypatch.setattr(fold_mod, "fold_into_producer", corrupt)
+
+
+@pytest.fixture
+def unlimited_verification_time(monkeypatch):
+    """No time budget cuts verification short, so sample counts do not depend on machine speed."""
+    monkeypatch.setattr("bncheck.api._verify.VERIFY_SECONDS", 1e9)

@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 import pytest
 from conftest import SAMPLES
+from fold_fixtures import unlimited_verification_time  # noqa: F401  (a fixture)
 from onnx import TensorProto, helper, numpy_helper
 
 import bncheck
@@ -24,6 +25,9 @@ from bncheck.backends.onnx.graph import iter_graphs
 from bncheck.samples import PATTERN_FOLDS
 
 RNG = np.random.default_rng(7)
+
+# Sample counts must not depend on machine speed (the time budget is tested with seconds=0).
+pytestmark = pytest.mark.usefixtures("unlimited_verification_time")
 
 
 def bn_inits(prefix: str, c: int, dtype=np.float32) -> list[onnx.TensorProto]:

@@ -16,6 +16,7 @@ import onnx
 import pytest
 import torch
 from conftest import SAMPLES
+from fold_fixtures import unlimited_verification_time  # noqa: F401  (a fixture)
 from torch import nn
 
 import bncheck
@@ -24,6 +25,9 @@ from bncheck.errors import InputError
 from bncheck.samples import PATTERN_FOLDS
 
 UNFOLDABLE = sum(1 for into, _ in PATTERN_FOLDS.values() if into is None)
+
+# Sample counts must not depend on machine speed (the time budget is tested with seconds=0).
+pytestmark = pytest.mark.usefixtures("unlimited_verification_time")
 
 
 def randomize(model: nn.Module, seed: int = 0, *, zero_shift: bool = False) -> nn.Module:

@@ -101,7 +101,7 @@ def verify_same_function(
     rtol: float | None = None,
     atol: float | None = None,
     max_samples: int = VERIFY_SAMPLES,
-    seconds: float = VERIFY_SECONDS,
+    seconds: float | None = None,
     seed: int = 0,
 ) -> Verification:
     """Run both models on ``data`` (or seeded N(0, 1) input) and judge every output.
@@ -109,7 +109,8 @@ def verify_same_function(
     Passes when each output k has ``max|c − r| ≤ atol + rtol_k·max|r|``; ``rtol_k`` is derived
     from the dtype and the model unless ``rtol`` is given (``numerics.verify``). The batch is
     ``input_shapes``' batch dim when given, else what fits :data:`BATCH_ELEMENTS`; a model that
-    fails at that batch but runs at batch 1 is verified sample by sample.
+    fails at that batch but runs at batch 1 is verified sample by sample. ``seconds`` (default
+    :data:`VERIFY_SECONDS`) is the run-time budget that sets how many samples run.
     """
     info = original.info()
     dtype = model_dtype(info)
@@ -130,7 +131,8 @@ def verify_same_function(
     run = _Comparison(original, candidate, ErrorTally([o.name for o in info.outputs]))
     source = _sized_source(open_source, _given_batch(input_shapes), max_samples)
     source, per_sample = run.first_batch(source, open_source)
-    source = run.budgeted(source, per_sample, seconds, open_source)
+    budget = VERIFY_SECONDS if seconds is None else seconds
+    source = run.budgeted(source, per_sample, budget, open_source)
     run.remaining_batches(source)
     spread, how = None, ""
     if rtol is None and needs_spread(run.tally, dtype, atol=atol or 0.0):

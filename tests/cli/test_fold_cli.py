@@ -17,7 +17,11 @@ from fold_fixtures import (
     conv_relu,
     corrupt_one_channel,
     deep_convnet,
+    unlimited_verification_time,  # noqa: F401  (a fixture)
 )
+
+# Sample counts must not depend on machine speed (the time budget is tested with seconds=0).
+pytestmark = pytest.mark.usefixtures("unlimited_verification_time")
 
 
 def flat(text: str) -> str:
