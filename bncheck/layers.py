@@ -140,10 +140,12 @@ class FoldStep:
 
     ``into`` is ``producer`` / ``consumer`` (weights rewritten, BN removed), ``affine`` (BN
     replaced by a per-channel scale and shift, no statistics), or None (left as it was, with
-    ``reason``).
+    ``reason``). ``kind`` is ``bn`` for a BN layer, ``channel_op`` for a run of standalone
+    per-channel Mul/Add nodes (a bias Add, a decomposed BN) merged into its producer: not a BN.
     """
 
     layer: str
     into: Literal["producer", "consumer", "affine"] | None
     target: str | None = None
     reason: str | None = None
+    kind: Literal["bn", "channel_op"] = "bn"

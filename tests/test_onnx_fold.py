@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 import pytest
 from conftest import SAMPLES
+from fold_fixtures import unlimited_verification_time  # noqa: F401  (a fixture)
 from onnx import TensorProto, helper, numpy_helper
 
 import bncheck
@@ -24,6 +25,9 @@ from bncheck.backends.onnx.graph import iter_graphs
 from bncheck.samples import PATTERN_FOLDS
 
 RNG = np.random.default_rng(7)
+
+# Sample counts must not depend on machine speed (the time budget is tested with seconds=0).
+pytestmark = pytest.mark.usefixtures("unlimited_verification_time")
 
 
 def bn_inits(prefix: str, c: int, dtype=np.float32) -> list[onnx.TensorProto]:
@@ -473,6 +477,186 @@ def test_cli_fold_writes_a_model_with_the_right_bn_count(tmp_path, run_cli):
     assert result.code == 0, result
     doc = json.loads(result.out)
     assert doc["schema"] == "bncheck.fold/1"
-    assert doc["summary"] == {"bn_layers": 13, "folded": 10, "skipped": 3, "passed": True}
+    summary = dict(bn_layers=13, folded=10, affine=0, skipped=3, merged=0, changed=True)
+    assert doc["summary"] == {**summary, "passed": True}
     assert doc["after"]["bn_layers"] == 3 and doc["verification"]["max_abs_error"] < 1e-4
     assert n_bn(onnx.load(str(out))) == 3
+
+
+# ------------------------------------------------ verification on deep models, accounting
+
+
+def test_deep_model_correct_fold_passes_the_default_verification():
+    """24 conv-BN-ReLU layers, outputs up to ~1e4 crossing zero: the correct fold differs by
+    float32 rounding (~1e-5 of the output scale, ~1e-2 absolute), which a per-element check
+    with rtol 1e-4 / atol 1e-5 rejects. The per-output bound, derived from the model's own
+    engine-to-engine spread, passes it and names the output."""
+    from fold_fixtures import deep_convnet
+
+    result = bncheck.fold(OnnxHandle("deep.onnx", deep_convnet(24)))
+    v = result.verification
+    assert v.passed, v
+    assert v.worst_output == "y" and v.samples == 32
+    assert v.max_rel_error < 1e-4 and v.max_abs_error <= v.atol + v.rtol * v.worst.max_ref
+    assert result.folded_count == 24
+
+
+@pytest.mark.parametrize("layer", [0, 12, 23])
+def test_deep_model_with_one_channel_off_by_one_percent_fails(monkeypatch, layer, tmp_path):
+    from fold_fixtures import corrupt_one_channel, deep_convnet
+
+    corrupt_one_channel(monkeypatch, call=layer)
+    out = tmp_path / "out.onnx"
+    result = bncheck.fold(OnnxHandle("deep.onnx", deep_convnet(24)), out)
+    v = result.verification
+    assert not v.passed and v.worst_output == "y"
+    assert v.max_rel_error > 10 * v.rtol  # far outside the bound, not a near miss
+    assert result.output is None and not out.exists()
+    # The tolerance the report suggests does pass, and no smaller one.
+    assert v.suggested.rtol >= v.max_rel_error and v.suggested.rtol < 1.1 * v.max_rel_error
+    again = bncheck.fold(OnnxHandle("deep.onnx", deep_convnet(24)), rtol=v.suggested.rtol)
+    assert again.passed
+
+
+@pytest.mark.parametrize("corrupt", [False, True])
+def test_when_ort_cannot_fuse_the_original_the_folded_models_spread_is_the_yardstick(
+    monkeypatch, corrupt
+):
+    """Zero biases built at run time (as torch's exporter writes them) keep onnxruntime from
+    fusing anything: its optimized run of the original is bit-identical. The folded model's
+    own engine spread (same network, same magnitudes) sets the bound instead of the fixed
+    1e-4; a fold 1% off in one channel still fails."""
+    from fold_fixtures import corrupt_one_channel, deep_convnet
+
+    if corrupt:
+        corrupt_one_channel(monkeypatch, call=12)
+    result = bncheck.fold(OnnxHandle("deep.onnx", deep_convnet(24, runtime_bias=True)))
+    v = result.verification
+    assert v.worst.basis == "spread" and "of the folded model" in v.basis
+    assert v.rtol < 1e-4 and v.passed is not corrupt
+
+
+def test_bias_add_merge_is_not_counted_as_bn():
+    from fold_fixtures import conv_bias_add
+
+    result = bncheck.fold(OnnxHandle("m.onnx", conv_bias_add()))
+    assert result.steps == [] and result.folded_count == 0
+    assert [(s.layer, s.into, s.target) for s in result.merges] == [
+        ("bias_add", "producer", "conv")
+    ]
+    assert result.changed and result.verification.passed
+    assert [
+        n.op_type for n in OnnxHandle("m.onnx", conv_bias_add()).folded()[0].model.graph.node
+    ] == [
+        "Conv",
+        "Relu",
+    ]
+
+
+def test_nothing_to_fold_runs_no_session_and_writes_the_input(tmp_path, monkeypatch):
+    from fold_fixtures import conv_relu
+
+    from bncheck.backends.onnx import run as run_mod
+
+    def no_session(*args, **kwargs):
+        raise AssertionError("no onnxruntime session is needed when nothing changed")
+
+    monkeypatch.setattr(run_mod, "make_session", no_session)
+    monkeypatch.setattr(bncheck.backends.onnx, "make_session", no_session)
+    src = tmp_path / "m.onnx"
+    onnx.save(conv_relu(), str(src))
+    out = tmp_path / "out.onnx"
+    result = bncheck.fold(src, out)
+    assert not result.changed and result.verification is None
+    assert result.unverified == "nothing changed" and result.passed
+    assert result.output == out and onnx.load(str(out)).graph == onnx.load(str(src)).graph
+
+
+@pytest.mark.parametrize("computed", [False, True])
+def test_conv_bias_of_the_wrong_shape_is_an_input_error(computed):
+    """A Conv3d whose zero bias has shape (8, 2), stored or computed at run time: inspect does
+    not call the BN foldable, fold refuses the file naming the shapes as they are (not the
+    flattened (16,))."""
+    from fold_fixtures import conv3d_bad_bias
+
+    from bncheck.errors import InputError
+
+    handle = OnnxHandle("bad.onnx", conv3d_bad_bias(computed=computed))
+    (layer,) = handle.info().bn_layers
+    assert not layer.fold.foldable
+    assert "bias has shape (8, 2), expected (8,)" in layer.fold.reason
+    with pytest.raises(InputError, match=r"bias has shape \(8, 2\), expected \(8,\)"):
+        bncheck.fold(handle)
+
+
+def test_graph_that_runs_only_at_batch_one_is_verified_sample_by_sample():
+    from fold_fixtures import batch_one_reshape
+
+    result = bncheck.fold(OnnxHandle("b1.onnx", batch_one_reshape()))
+    v = result.verification
+    assert v.passed and v.batch_size == 1 and v.samples == 32
+    assert any("does not run at batch 8" in n for n in v.notes)
+
+
+def test_input_shape_batch_sets_the_verification_batch(tmp_path):
+    src = SAMPLES / "resnet.onnx"
+    shape = open_onnx(src).info().inputs[0].shape
+    result = bncheck.fold(src, input_shapes={"": (2, *shape[1:])})
+    assert result.verification.batch_size == 2 and result.verification.samples == 32
+
+
+def test_verification_batches_fit_in_memory_and_the_budget_stops_early():
+    """A 3×640×640 input: one sample per batch (2²¹ input elements at most); with no time
+    budget the run stops after the first batch, which measures the cost."""
+    from bncheck.api._verify import verify_same_function
+
+    inits = [w("W", 4, 3, 1, 1), *bn_inits("bn", 4)]
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"]), bn_node("bn", "c", "y")]
+    handle = model_of(nodes, inits, ["N", 3, 640, 640])
+    folded, _ = handle.folded()
+    v = verify_same_function(handle, folded, seconds=0.0)
+    assert (v.batch_size, v.samples, v.passed) == (1, 1, True)
+    assert "1 samples of x" in v.inputs and any(n.startswith("1 of 32 samples") for n in v.notes)
+
+
+def test_one_session_per_model(monkeypatch):
+    """Each model gets one onnxruntime session, reused for every batch; the model's own spread
+    (ORT_ENABLE_ALL) costs a third only when an error is above the float32 floor."""
+    from fold_fixtures import deep_convnet
+
+    from bncheck.backends.onnx import run as run_mod
+
+    made: list[bool] = []
+    real = run_mod.make_session
+
+    def counting(model, **kwargs):
+        made.append(bool(kwargs.get("optimize")))
+        return real(model, **kwargs)
+
+    monkeypatch.setattr(bncheck.backends.onnx, "make_session", counting)
+    bncheck.fold(SAMPLES / "resnet.onnx")
+    assert made == [False, False]
+    made.clear()
+    result = bncheck.fold(OnnxHandle("deep.onnx", deep_convnet(24)))
+    assert sorted(made) == [False, False, True] and result.verification.samples == 32
+
+
+def test_top_level_figures_are_the_worst_outputs_and_read_together():
+    """Two outputs judged on different bases (a shallow one on the floor, the deep one on the
+    spread): the top-level error, rtol and atol are all the worst output's, so they never
+    contradict the verdict (e.g. a max rel error from one output beside another's rtol)."""
+    from fold_fixtures import deep_convnet
+
+    model = deep_convnet(24)
+    model.graph.output.append(helper.make_tensor_value_info("n0", TensorProto.FLOAT, None))
+    v = bncheck.fold(OnnxHandle("two.onnx", model)).verification
+    assert [o.name for o in v.outputs] == ["y", "n0"] and v.passed
+    w = v.worst
+    assert (v.max_abs_error, v.max_rel_error, v.rtol, v.atol) == (
+        w.max_abs_error,
+        w.max_rel_error,
+        w.rtol,
+        w.atol,
+    )
+    assert w.excess == max(o.excess for o in v.outputs)
+    assert v.max_abs_error <= v.atol + v.rtol * w.max_ref

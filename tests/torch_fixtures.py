@@ -241,3 +241,38 @@ class PinnedBatch(nn.Module):
 def pinned_batch() -> PinnedBatch:
     """``--arch torch_fixtures:pinned_batch``."""
     return PinnedBatch()
+
+
+class DeepConvNet(nn.Module):
+    """``depth`` × (3×3 Conv → BN → ReLU), the last without ReLU so the output crosses zero;
+    BN statistics and signed γ/β random (as in ``fold_fixtures.deep_convnet``): activations grow
+    to ~1e4, and a correct fold differs by float32 rounding of ~1e-5 of the output scale."""
+
+    def __init__(self, depth: int = 24, channels: int = 16, seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        layers: list[nn.Module] = []
+        cin = 3
+        for i in range(depth):
+            conv = nn.Conv2d(cin, channels, 3, padding=1, bias=False)
+            bn = nn.BatchNorm2d(channels)
+            with torch.no_grad():
+                conv.weight.normal_(0, (2.0 / (cin * 9)) ** 0.5, generator=g)
+                sign = torch.randint(0, 2, (channels,), generator=g) * 2 - 1
+                bn.weight.copy_((torch.rand(channels, generator=g) * 1.5 + 0.5) * sign)
+                bn.bias.normal_(0, 1, generator=g)
+                bn.running_mean.normal_(0, 1, generator=g)
+                bn.running_var.copy_(torch.rand(channels, generator=g) * 1.8 + 0.2)
+            layers += [conv, bn] + ([nn.ReLU()] if i < depth - 1 else [])
+            cin = channels
+        self.body = nn.Sequential(*layers)
+        self.example_input_shape = (2, 3, 16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def no_bn_net() -> nn.Module:
+    """Conv → ReLU → Conv: nothing to fold."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 1)).eval()

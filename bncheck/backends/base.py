@@ -62,6 +62,17 @@ class ModelHandle(abc.ABC):
         """One inference-mode forward pass on CPU: numpy in, numpy outputs out (graph order)."""
         raise NotImplementedError(f"{type(self).__name__} cannot run models")
 
+    def prepare(self) -> None:
+        """Build what :meth:`run` needs (a session, an inference copy) ahead of the first call,
+        so that timing a run measures the run. Optional: :meth:`run` builds it when needed."""
+        return None
+
+    def run_reference(self, feeds: Feeds) -> tuple[list[np.ndarray], str]:
+        """:meth:`run`'s outputs computed a second, equally valid way (another evaluation order
+        or a wider dtype), and how. Verification measures the model's own rounding noise with
+        it (:mod:`bncheck.numerics.verify`)."""
+        raise NotImplementedError(f"{type(self).__name__} has no second evaluation")
+
     def folded(self, *, affine: bool = False) -> tuple[ModelHandle, list[FoldStep]]:
         """Fold every foldable BN into its neighbour; with ``affine``, turn the rest into a
         per-channel scale and shift. Returns the new model and one step per BN layer."""

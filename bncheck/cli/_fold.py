@@ -48,10 +48,15 @@ def fold(
         bool, typer.Option("--affine", help="turn BNs that cannot fold into a scale and shift")
     ] = False,
     rtol: Annotated[
-        float | None, typer.Option("--rtol", help="relative tolerance (default by dtype)")
+        float | None,
+        typer.Option(
+            "--rtol",
+            help="pass when each output's max|Δ| ≤ atol + rtol·max|ref| (default: derived "
+            "from the dtype and the model's own rounding spread)",
+        ),
     ] = None,
     atol: Annotated[
-        float | None, typer.Option("--atol", help="absolute tolerance (default by dtype)")
+        float | None, typer.Option("--atol", help="absolute part of that bound (default 0)")
     ] = None,
     in_place: InPlaceOpt = False,
     fmt: FormatOpt = None,

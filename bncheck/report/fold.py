@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from rich.console import Console
@@ -11,6 +12,7 @@ from rich.text import Text
 from bncheck.api._fold import FoldResult
 from bncheck.layers import ModelInfo
 from bncheck.report import dump_json, md_escape
+from bncheck.wording import plural
 
 SCHEMA = "bncheck.fold/1"
 
@@ -27,33 +29,81 @@ def _action(step) -> str:
     return "kept"
 
 
+def _g(x: float) -> str:
+    return "inf" if math.isinf(x) else f"{x:.3g}"
+
+
 def verification_line(result: FoldResult) -> str:
+    """One line that states the comparison actually made: the worst output's error, its bound
+    and where the bound came from; on failure, by how much and what tolerance would pass."""
     v = result.verification
     if v is None:
+        if result.unverified == "nothing changed":
+            return "not verified: nothing changed, the model is the input as it was"
         return "not verified (--no-verify)"
-    top1 = "" if v.top1_agreement is None else f", top-1 agreement {v.top1_agreement:.1%}"
     verdict = "passed" if v.passed else "FAILED"
+    head = f"verification {verdict} on {plural(v.samples, 'sample')}"
+    w = v.worst
+    if w is None:
+        return f"{head}: the model has no outputs to compare"
+    err = f"worst output '{w.name}': max|Δ| {_g(w.max_abs_error)}"
+    if w.max_ref > 0 and math.isfinite(w.max_abs_error):
+        err += f" = {w.max_rel_error:.2g} × max|ref| {_g(w.max_ref)}"
+    tol = f"rtol {w.rtol:.2g}" + (f" + atol {w.atol:.2g}" if w.atol else "")
+    if w.passed:
+        cmp = f" ≤ bound {_g(w.bound)} ({tol}: {v.basis})"
+    elif not math.isfinite(w.max_abs_error):
+        cmp = " (a value is NaN or Inf in one model only)"
+    else:
+        cmp = f" > bound {_g(w.bound)} ({tol}: {v.basis}), {w.excess:.3g}× over"
+    line = f"{head}: {err}{cmp}"
+    if v.suggested is not None:
+        s = v.suggested
+        line += f"; --rtol {s.rtol:.2g}" + (f" --atol {s.atol:.2g}" if s.atol else "")
+        line += " would pass"
+    if v.top1_agreement is not None:
+        line += f"; top-1 agreement {v.top1_agreement:.1%}"
+    return f"{line} · on {v.inputs}"
+
+
+def bn_text(result: FoldResult) -> str:
+    """ "folded N of M BN layers[, K made scale+shift]", or "no BN layers"."""
+    n = len(result.steps)
+    if not n:
+        return "no BN layers"
+    text = f"folded {result.folded_count} of {plural(n, 'BN layer')}"
+    if result.affine_count:
+        text += f", {result.affine_count} made scale+shift"
+    return text
+
+
+def merges_line(result: FoldResult) -> str | None:
+    """The per-channel Mul/Add runs merged into their producers, counted apart from BN."""
+    if not result.merges:
+        return None
     return (
-        f"verification {verdict}: max abs error {v.max_abs_error:.3g}, max rel error "
-        f"{v.max_rel_error:.3g} (rtol {v.rtol:g}, atol {v.atol:g}){top1} on {v.inputs}"
+        f"merged {plural(len(result.merges), 'per-channel Mul/Add run')} (bias adds, "
+        "decomposed BN; not BN layers) into the Conv/Gemm before them"
     )
 
 
 def summary_line(result: FoldResult) -> str:
     before, after = _sizes(result.source), _sizes(result.folded)
-    wrote = (
-        f"wrote {result.output}"
-        if result.output
-        else ("no file written" if not result.passed else "no output requested")
-    )
+    if result.output:
+        wrote = f"wrote {result.output}" + ("" if result.changed else " (the input, unchanged)")
+    else:
+        wrote = "no file written" if not result.passed else "no output requested"
+    if not result.changed:
+        return f"{result.source.path}: nothing to fold ({bn_text(result)}) · {wrote}"
     nodes = (
         f", nodes {before['nodes']} → {after['nodes']}"
         if before["nodes"] is not None and after["nodes"] is not None
         else ""
     )
+    merged = f", merged {len(result.merges)} Mul/Add" if result.merges else ""
     return (
-        f"{result.source.path}: folded {result.folded_count} of {len(result.steps)} BN layers "
-        f"(BN left: {after['bn_layers']}){nodes} · {wrote}"
+        f"{result.source.path}: {bn_text(result)} (BN left: {after['bn_layers']}){merged}"
+        f"{nodes} · {wrote}"
     )
 
 
@@ -65,14 +115,19 @@ def to_json(result: FoldResult) -> str:
             {"layer": s.layer, "into": s.into, "target": s.target, "reason": s.reason}
             for s in result.steps
         ],
+        "merges": [{"nodes": s.layer, "into": s.target} for s in result.merges],
         "before": _sizes(result.source),
         "after": _sizes(result.folded),
         "verification": None if result.verification is None else result.verification.to_dict(),
         "notes": result.notes,
+        "unverified": result.unverified,
         "summary": {
             "bn_layers": len(result.steps),
             "folded": result.folded_count,
-            "skipped": len(result.steps) - result.folded_count,
+            "affine": result.affine_count,
+            "skipped": result.kept_count,
+            "merged": len(result.merges),
+            "changed": result.changed,
             "passed": result.passed,
         },
     }
@@ -80,21 +135,31 @@ def to_json(result: FoldResult) -> str:
 
 
 def render_text(result: FoldResult, console: Console) -> None:
-    table = Table(title=f"fold {result.source.path}", title_justify="left", header_style="bold")
-    table.add_column("BN layer", overflow="fold")
-    table.add_column("action")
-    table.add_column("why kept", overflow="fold")
-    origin = {x.name: x.origin for x in result.source.bn_layers}
-    for s in result.steps:
-        style = "green" if s.into else "yellow"
-        table.add_row(origin.get(s.layer) or s.layer, Text(_action(s), style=style), s.reason or "")
-    console.print(table)
+    if result.steps:
+        table = Table(title=f"fold {result.source.path}", title_justify="left", header_style="bold")
+        table.add_column("BN layer", overflow="fold")
+        table.add_column("action")
+        table.add_column("why kept", overflow="fold")
+        origin = {x.name: x.origin for x in result.source.bn_layers}
+        for s in result.steps:
+            style = "green" if s.into else "yellow"
+            table.add_row(
+                origin.get(s.layer) or s.layer, Text(_action(s), style=style), s.reason or ""
+            )
+        console.print(table)
+    merged = merges_line(result)
+    if merged:
+        console.print(merged)
     b, a = _sizes(result.source), _sizes(result.folded)
-    console.print(
-        f"parameters {b['parameters']:,} → {a['parameters']:,}; "
-        f"nodes {b['nodes'] if b['nodes'] is not None else '?'} → "
-        f"{a['nodes'] if a['nodes'] is not None else '?'}"
-    )
+    if result.changed:
+        console.print(
+            f"parameters {b['parameters']:,} → {a['parameters']:,}; "
+            f"nodes {b['nodes'] if b['nodes'] is not None else '?'} → "
+            f"{a['nodes'] if a['nodes'] is not None else '?'}"
+        )
+    v = result.verification
+    for note in v.notes if v is not None else []:
+        console.print(f"note: {note}", style="dim")
     style = "green" if result.passed else "bold red"
     console.print(Text(verification_line(result), style=style))
     for note in result.notes:
@@ -103,16 +168,16 @@ def render_text(result: FoldResult, console: Console) -> None:
 
 
 def render_markdown(result: FoldResult) -> str:
-    lines = [f"### bncheck fold: `{result.source.path}`", "", "| BN layer | action | why kept |"]
-    lines.append("|---|---|---|")
-    for s in result.steps:
-        lines.append(f"| `{md_escape(s.layer)}` | {_action(s)} | {md_escape(s.reason or '')} |")
-    lines += [
-        "",
-        md_escape(verification_line(result)),
-        "",
-        f"**{md_escape(summary_line(result))}**",
-    ]
+    lines = [f"### bncheck fold: `{result.source.path}`", ""]
+    if result.steps:
+        lines += ["| BN layer | action | why kept |", "|---|---|---|"]
+        for s in result.steps:
+            lines.append(f"| `{md_escape(s.layer)}` | {_action(s)} | {md_escape(s.reason or '')} |")
+        lines.append("")
+    merged = merges_line(result)
+    if merged:
+        lines += [md_escape(merged), ""]
+    lines += [md_escape(verification_line(result)), "", f"**{md_escape(summary_line(result))}**"]
     return "\n".join(lines) + "\n"
 
 

@@ -23,7 +23,7 @@ from bncheck.report import (
     severity_counts,
 )
 from bncheck.report import bench as bench_rep
-from bncheck.report.fold import verification_line
+from bncheck.report.fold import bn_text, verification_line
 from bncheck.wording import plural
 
 SCHEMA = "bncheck.optimize/2"
@@ -66,10 +66,10 @@ def fold_line(result: OptimizeResult) -> str:
     f = result.fold
     if f is None:
         return "fold skipped: the recalibration lowered accuracy (BN405)"
+    merged = f", merged {len(f.merges)} Mul/Add" if f.merges else ""
     return (
-        f"folded {f.folded_count} of {plural(len(f.steps), 'BN layer')} "
-        f"(BN left: {len(f.folded.bn_layers)}; parameters {f.source.parameters:,} → "
-        f"{f.folded.parameters:,})"
+        f"{bn_text(f)} (BN left: {len(f.folded.bn_layers)}{merged}; parameters "
+        f"{f.source.parameters:,} → {f.folded.parameters:,})"
     )
 
 
@@ -103,7 +103,11 @@ def to_json(result: OptimizeResult) -> str:
         if f is None
         else {
             "folded": f.folded_count,
-            "skipped": len(f.steps) - f.folded_count,
+            "affine": f.affine_count,
+            "skipped": f.kept_count,
+            "merged": len(f.merges),
+            "changed": f.changed,
+            "unverified": f.unverified,
             "bn_layers_after": len(f.folded.bn_layers),
             "steps": [
                 {"layer": s.layer, "into": s.into, "target": s.target, "reason": s.reason}

@@ -43,6 +43,7 @@ class OnnxHandle(ModelHandle):
         self._info: ModelInfo | None = None
         self._index: GraphIndex | None = None
         self._session: Any = None
+        self._optimized: Any = None
 
     @property
     def index(self) -> GraphIndex:
@@ -73,6 +74,22 @@ class OnnxHandle(ModelHandle):
             return list(run_session(session, None, feeds))  # Ctrl-C stops it mid-run
         except Exception as exc:
             raise InputError(f"{self.path}: onnxruntime run failed: {ort_message(exc)}") from None
+
+    def prepare(self) -> None:
+        self.session()
+
+    def run_reference(self, feeds: dict[str, np.ndarray]) -> tuple[list[np.ndarray], str]:
+        """All outputs from a second, cached session with onnxruntime's graph optimizations on
+        (ORT_ENABLE_ALL: Conv+BN fusion, reordered sums), for verification's noise yardstick."""
+        from bncheck.interrupt import run_session
+
+        if self._optimized is None:
+            self._optimized = make_session(self.model, optimize=True, source=str(self.path))
+        try:
+            outputs = list(run_session(self._optimized, None, feeds))
+        except Exception as exc:
+            raise InputError(f"{self.path}: onnxruntime run failed: {ort_message(exc)}") from None
+        return outputs, "onnxruntime ORT_ENABLE_ALL vs ORT_DISABLE_ALL"
 
     def folded(self, *, affine: bool = False) -> tuple[OnnxHandle, list[FoldStep]]:
         """Fold every foldable BN (see :mod:`bncheck.backends.onnx.fold`) into a new handle."""

@@ -24,11 +24,19 @@ import numpy as np
 import onnx
 from onnx import ModelProto, NodeProto, helper
 
-from bncheck.backends.onnx.fold_plan import BNFacts, FoldPlan, bn_facts, bn_reason, fold_plan
+from bncheck.backends.onnx.fold_plan import (
+    BNFacts,
+    FoldPlan,
+    bias_problem,
+    bn_facts,
+    bn_reason,
+    fold_plan,
+)
 from bncheck.backends.onnx.fold_plan import per_channel as _per_channel
 from bncheck.backends.onnx.graph import GraphIndex, attr, node_label, opset_version
 from bncheck.backends.onnx.reparam import merge_branches
 from bncheck.backends.onnx.rewrite import Params, Rewrite, emit_model
+from bncheck.errors import InputError
 from bncheck.layers import FoldStep
 from bncheck.numerics import bn_scale_shift, cast_checked, fold_into_consumer, fold_into_producer
 from bncheck.wording import plural
@@ -74,6 +82,9 @@ def _load_params(rw: Rewrite, node: NodeProto) -> Params | str:
                 return f"bias of {node_label(node)} is not per output feature (shape {b.shape})"
             b64 = np.broadcast_to(b64.reshape(-1), (out,)) * beta
     elif b64 is not None:
+        problem = bias_problem(idx, node)
+        if problem:
+            return problem
         b64 = b64.reshape(-1)
     params = Params(w64, b64, w.dtype, (b if b is not None else w).dtype, groups, op)
     rw.params[p] = params
@@ -272,7 +283,7 @@ def _decomposed(rw: Rewrite, model: ModelProto) -> list[FoldStep]:
         elif node.op_type == "Mul" and not units[u][2]:
             units[u][0], units[u][2] = node_label(node), True
         open_units[node.output[0]] = u
-    return [FoldStep(name, "producer", target) for name, target, _ in units]
+    return [FoldStep(name, "producer", target, kind="channel_op") for name, target, _ in units]
 
 
 def fold_model(index: GraphIndex, *, affine: bool = False) -> tuple[ModelProto, list[FoldStep]]:
@@ -289,6 +300,10 @@ def fold_model(index: GraphIndex, *, affine: bool = False) -> tuple[ModelProto, 
         if node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx"):
             continue
         plan = fold_plan(index, node, bn_facts(index, node))
+        for neighbour in (plan.producer, plan.consumer):
+            problem = bias_problem(index, neighbour) if neighbour is not None else None
+            if problem:  # a broken file, not a BN that cannot fold: say so, write nothing
+                raise InputError(f"{index.source}: {problem}")
         name, d = node_label(node), plan.decision
         if d.into == "producer":
             problem = _fold_producer(rw, plan)

@@ -25,6 +25,7 @@ __all__ = [
     "WEIGHTED_OPS",
     "BNFacts",
     "FoldPlan",
+    "bias_problem",
     "bn_facts",
     "bn_reason",
     "fold_plan",
@@ -232,6 +233,24 @@ def bn_reason(index: GraphIndex, facts: BNFacts) -> str | None:
     return None
 
 
+def bias_problem(index: GraphIndex, node: NodeProto) -> str | None:
+    """Why a Conv/ConvTranspose's constant bias is not the 1-D tensor of one value per output
+    channel the ONNX spec requires (onnxruntime refuses to run such a file), else None."""
+    if node.op_type not in ("Conv", "ConvTranspose") or len(node.input) < 3 or not node.input[2]:
+        return None
+    w = index.const_shape(node.input[1]) if index.is_constant(node.input[1]) else None
+    b = index.const_shape(node.input[2]) if index.is_constant(node.input[2]) else None
+    if not w or b is None or (node.op_type == "ConvTranspose" and len(w) < 2):
+        return None
+    m = w[0] if node.op_type == "Conv" else w[1] * int(attr(node, "group", 1))
+    if tuple(b) == (m,):
+        return None
+    return (
+        f"{_desc(node)} bias has shape {tuple(b)}, expected ({m},): "
+        "the model is invalid (onnxruntime cannot run it)"
+    )
+
+
 def _weight_reason(index: GraphIndex, node: NodeProto, role: str) -> str | None:
     w = node.input[1] if len(node.input) > 1 else ""
     if index.is_overridable(w):
@@ -241,7 +260,8 @@ def _weight_reason(index: GraphIndex, node: NodeProto, role: str) -> str | None:
     b = node.input[2] if node.op_type != "MatMul" and len(node.input) > 2 else ""
     if b and not index.is_constant(b):
         return f"{role} {_desc(node)} bias is not constant"
-    return None
+    problem = bias_problem(index, node)
+    return f"{role} {problem}" if problem else None
 
 
 def _producer_reason(

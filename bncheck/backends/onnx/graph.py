@@ -37,7 +37,7 @@ Dims = tuple[int | str | None, ...]
 
 # Pure, cheap ops whose outputs count as constants when their inputs are (GraphIndex._fold).
 _FOLD_OPS = frozenset(
-    {"Identity", "Cast", "CastLike", "Shape", "Expand", "Reshape", "Unsqueeze", "Squeeze"}
+    {"Identity", "Cast", "CastLike", "Shape", "Expand", "Reshape", "Unsqueeze", "Squeeze", "Concat"}
     | {"Transpose"}  # torch.onnx writes Linear as MatMul(x, Transpose(W))
 )
 _FOLD_MAX_ELEMENTS = 1 << 22
@@ -410,6 +410,11 @@ class GraphIndex:
                 return None
             start, end = attr(node, "start", 0), attr(node, "end", None)
             return np.array(dims[start:end], dtype=np.int64)
+        if op == "Concat":  # of shapes, as exporters build an Expand's target
+            parts = [self._input(node, i, depth) for i in range(len(node.input))]
+            if any(p is None for p in parts):
+                return None
+            return np.concatenate(parts, axis=int(attr(node, "axis", 0)))
         x = self._input(node, 0, depth)
         if x is None:
             return None

@@ -25,7 +25,7 @@ from bncheck.backends.torch.example import (
 )
 from bncheck.backends.torch.load import load_torch, quiet_torch
 from bncheck.backends.torch.trace import trace
-from bncheck.errors import InputError
+from bncheck.errors import InputError, first_line
 from bncheck.layers import FoldStep, ModelInfo
 
 __all__ = ["TorchHandle", "open_torch"]
@@ -234,6 +234,26 @@ class TorchHandle(ModelHandle):
     def run_error(self, exc: BaseException, tensors: Sequence[Any]) -> InputError:
         """The error for a forward that raised ``exc`` on ``tensors`` (``example.run_error``)."""
         return run_error(self, exc, tensors)
+
+    def prepare(self) -> None:
+        self.runnable()
+
+    def run_reference(self, feeds: Mapping[str, np.ndarray]) -> tuple[list[np.ndarray], str]:
+        """:meth:`run` in float64 (a cached float64 copy of the runnable, float inputs widened),
+        for verification's noise yardstick."""
+        import torch
+
+        from bncheck.backends.torch.fold import float64_copy
+
+        if getattr(self, "_float64", None) is None:
+            self._float64 = float64_copy(self.runnable())
+        tensors = [t.double() if t.is_floating_point() else t for t in self.input_tensors(feeds)]
+        try:
+            with torch.inference_mode(), quiet_torch():
+                out = self._float64(*tensors)
+        except Exception as exc:
+            raise InputError(f"{self.path}: no float64 run: {first_line(exc)}") from None
+        return numpy_outputs(out), "float64 vs the model's dtype"
 
     def input_tensors(self, feeds: Mapping[str, np.ndarray]) -> list[Any]:
         """``feeds`` as the forward's positional tensors (CPU): matched by argument name, a

@@ -39,7 +39,7 @@ from bncheck.backends.torch.graph import BNCall, GraphView, op_args, packet
 from bncheck.layers import BNLayer, FoldStep
 from bncheck.numerics import bn_scale_shift, cast_checked, fold_into_consumer, fold_into_producer
 
-__all__ = ["fold_eager", "fold_graph"]
+__all__ = ["float64_copy", "fold_eager", "fold_graph"]
 
 _BN_TENSORS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 _TRAINING_OPS = {"_batch_norm_with_update", "_batch_norm_with_update_functional"}
@@ -229,8 +229,13 @@ def _local_call(nodes: dict[str, Any], call: BNCall) -> BNCall:
 
 def fold_graph(handle: Any, *, affine: bool = False) -> tuple[Any, list[FoldStep]]:
     """Fold the BNs of a traced model as ``handle.info()`` decided; returns
-    (new ExportedProgram, one FoldStep per BN layer). The handle is not modified."""
+    (new ExportedProgram, one FoldStep per BN layer). The handle is not modified; when no BN
+    can change, its own program is returned (no copy, no re-export)."""
     info = handle.info()
+    if not (affine and info.bn_layers) and not any(b.fold.foldable for b in info.bn_layers):
+        return handle.exported, [
+            FoldStep(b.name, None, None, b.fold.reason) for b in info.bn_layers
+        ]
     view = GraphView(handle.exported)
     calls = layer_calls(view, handle.format, handle.module)
     with warnings.catch_warnings():
@@ -351,6 +356,23 @@ def _finite(bound: Any) -> int | None:
     except (TypeError, ValueError, OverflowError, AttributeError):
         return None
     return value if value < 2**62 else None
+
+
+def float64_copy(module: Any) -> Any:
+    """A deep copy of ``module`` computing in float64: every floating-point parameter, buffer
+    and plain tensor attribute (the constants of an unlifted ``ExportedProgram`` module) is
+    widened. The source module is not touched."""
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # deepcopy of a GraphModule warns about pytree internals
+        copied = copy.deepcopy(module)
+    copied = copied.double()
+    for sub in copied.modules():
+        for key, value in list(vars(sub).items()):
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                setattr(sub, key, value.double())
+    return copied
 
 
 # --------------------------------------------------------------------------- eager fallback
