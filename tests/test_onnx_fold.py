@@ -616,7 +616,7 @@ def test_verification_batches_fit_in_memory_and_the_budget_stops_early():
     folded, _ = handle.folded()
     v = verify_same_function(handle, folded, seconds=0.0)
     assert (v.batch_size, v.samples, v.passed) == (1, 1, True)
-    assert "1 samples of x" in v.inputs and any(n.startswith("1 of 32 samples") for n in v.notes)
+    assert "1 sample of x" in v.inputs and any(n.startswith("1 of 32 samples") for n in v.notes)
 
 
 def test_one_session_per_model(monkeypatch):

@@ -83,9 +83,13 @@ def fold(
     steps = [s for s in all_steps if s.kind == "bn"]
     merges = [s for s in all_steps if s.kind != "bn" and s.into is not None]
     changed = bool(merges) or any(s.into is not None for s in steps)
+    source = handle.info()
+    if not changed and steps and source.graph_error:
+        # Nothing folded because nothing could be traced: that is no "nothing to fold".
+        raise InputError(f"{handle.path}: cannot fold: {source.graph_error}")
     if not changed:
         folded = handle  # the very input: nothing to re-export, nothing to verify
-    result = FoldResult(handle.info(), folded.info(), steps, None, merges=merges, changed=changed)
+    result = FoldResult(source, folded.info(), steps, None, merges=merges, changed=changed)
     result.notes += getattr(folded, "notes", [])  # e.g. which checkpoint entry, a pinned batch
     if not changed:
         result.unverified = "nothing changed"
