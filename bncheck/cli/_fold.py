@@ -10,16 +10,26 @@ import typer
 from bncheck.cli import (
     ArchKwargsOpt,
     ArchOpt,
+    ChannelOrderOpt,
     CheckpointKeyOpt,
+    CropOpt,
+    DataKwargsOpt,
+    DataOpt,
     DynamicDimsOpt,
     FormatOpt,
     InPlaceOpt,
+    LayoutOpt,
+    MeanOpt,
     QuietOpt,
+    ResizeOpt,
+    ScaleOpt,
     ShapeOpt,
+    StdOpt,
     TrustOpt,
     VerboseOpt,
     app,
     common,
+    data_spec,
     render,
 )
 from bncheck.errors import ExitCode
@@ -37,10 +47,15 @@ def fold(
             help="where to write: .onnx, or .pt2 for PyTorch models",
         ),
     ] = None,
-    data: Annotated[
-        Path | None,
-        typer.Option("--data", help="verify on this data (.npy/.npz) instead of random input"),
-    ] = None,
+    data: DataOpt = None,
+    data_kwargs: DataKwargsOpt = None,
+    resize: ResizeOpt = None,
+    crop: CropOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    scale: ScaleOpt = None,
+    channel_order: ChannelOrderOpt = None,
+    layout: LayoutOpt = None,
     no_verify: Annotated[
         bool, typer.Option("--no-verify", help="skip the equivalence check")
     ] = False,
@@ -73,6 +88,7 @@ def fold(
 
     Exit 1, and no file written, when the folded model does not compute the same outputs.
     """
+    params = dict(locals())  # for data_spec(): --data and its options
     from bncheck import api
     from bncheck.report import fold as rep
 
@@ -83,7 +99,7 @@ def fold(
     result = api.fold(
         model,
         output,
-        data=data,
+        data=data_spec(params, opts.config),
         verify=not no_verify,
         affine=affine,
         rtol=rtol,

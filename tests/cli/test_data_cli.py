@@ -175,6 +175,28 @@ def test_optimize_on_photos(run_cli, photos, tmp_path) -> None:
     assert out.is_file()
 
 
+def test_fold_verifies_on_photos_and_on_a_hook(run_cli, photos, hook, tmp_path) -> None:
+    # fold's --data takes what check's does: the verification runs on the user's samples.
+    folder, ref = photos
+    docs = {}
+    for name, args in {
+        "photos": ("--data", folder, *IMAGE_ARGS),
+        "hook": ("--data", f"{hook}:uneven"),
+        "npy": ("--data", ref),
+    }.items():
+        out = tmp_path / f"{name}.onnx"
+        result = run_cli("fold", ONNX, *args, "-o", out, "--format", "json")
+        assert result.code == 0, result
+        docs[name] = json.loads(result.out)["verification"]
+        assert out.is_file()
+    assert {d["samples"] for d in docs.values()} == {7}
+    assert "photos" in docs["photos"]["inputs"] and "synthetic" not in docs["hook"]["inputs"]
+    # The same samples through each route: the same worst error, to float tolerance.
+    errors = [docs[k]["max_abs_error"] for k in ("photos", "hook", "npy")]
+    assert errors[0] == pytest.approx(errors[2], rel=1e-6)
+    assert errors[1] == pytest.approx(errors[2], rel=1e-6)
+
+
 def test_image_options_from_pyproject(run_cli, photos, tmp_path, monkeypatch) -> None:
     folder, ref = photos
     (tmp_path / "pyproject.toml").write_text(
