@@ -135,7 +135,8 @@ def bench_feeds(
     shapes = ", ".join(f"{k} {tuple(v.shape[1:])} {v.dtype}" for k, v in feeds.items())
     if data is None:
         return feeds, f"seeded N(0, 1) input (seed {seed}): {shapes}, batch dim = the batch size"
-    return feeds, f"first batch of {Path(data).name}: {shapes}"
+    source = getattr(data, "source", data)  # a DataSpec names its file, folder or hook
+    return feeds, f"first batch of {Path(str(source)).name}: {shapes}"
 
 
 def feeds_for(other: ModelHandle, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

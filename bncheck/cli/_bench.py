@@ -11,14 +11,24 @@ import typer
 from bncheck.cli import (
     ArchKwargsOpt,
     ArchOpt,
+    ChannelOrderOpt,
     CheckpointKeyOpt,
+    CropOpt,
+    DataKwargsOpt,
+    DataOpt,
     FormatOpt,
+    LayoutOpt,
+    MeanOpt,
     QuietOpt,
+    ResizeOpt,
+    ScaleOpt,
     ShapeOpt,
+    StdOpt,
     TrustOpt,
     VerboseOpt,
     app,
     common,
+    data_spec,
     progress_bar,
     render,
 )
@@ -105,10 +115,15 @@ def bench(
     time_budget: BudgetOpt = None,
     rounds: RoundsOpt = None,
     warmup: WarmupOpt = 10,
-    data: Annotated[
-        Path | None,
-        typer.Option("--data", help="time on the first batch of this data, not random input"),
-    ] = None,
+    data: DataOpt = None,
+    data_kwargs: DataKwargsOpt = None,
+    resize: ResizeOpt = None,
+    crop: CropOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    scale: ScaleOpt = None,
+    channel_order: ChannelOrderOpt = None,
+    layout: LayoutOpt = None,
     fail_if_slower: Annotated[
         str | None,
         typer.Option(
@@ -133,6 +148,7 @@ def bench(
     no difference when it lies within, inconclusive when it straddles; a noisy timer is flagged.
     Exit 1 with --fail-if-slower when the whole interval lies above the ratio given.
     """
+    params = dict(locals())  # for data_spec(): --data and its options
     from bncheck.api._bench import DEFAULT_TIME_BUDGET_S
     from bncheck.api._bench import bench as run_bench
     from bncheck.report import bench as rep
@@ -157,7 +173,7 @@ def bench(
             time_budget_s=DEFAULT_TIME_BUDGET_S if time_budget is None else time_budget,
             rounds=rounds,
             warmup=warmup,
-            data=data,
+            data=data_spec(params, opts.config),
             fail_if_slower=parse_ratio("--fail-if-slower", fail_if_slower),
             progress=progress,
             **open_options,

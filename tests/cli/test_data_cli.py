@@ -197,6 +197,16 @@ def test_fold_verifies_on_photos_and_on_a_hook(run_cli, photos, hook, tmp_path) 
     assert errors[1] == pytest.approx(errors[2], rel=1e-6)
 
 
+def test_bench_times_on_the_first_batch_of_photos(run_cli, photos) -> None:
+    folder, _ = photos
+    args = ("--batch-size", "2", "--rounds", "3", "--format", "json")
+    result = run_cli("bench", ONNX, "--data", folder, *IMAGE_ARGS, *args)
+    assert result.code == 0, result
+    doc = json.loads(result.out)
+    assert doc["inputs"] == "first batch of photos: input (3, 24, 24) float32"
+    assert doc["rows"][0]["batch_size"] == 2
+
+
 def test_image_options_from_pyproject(run_cli, photos, tmp_path, monkeypatch) -> None:
     folder, ref = photos
     (tmp_path / "pyproject.toml").write_text(
