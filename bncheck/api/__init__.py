@@ -9,7 +9,7 @@ The CLI calls exactly these functions; so can a user's own script or notebook::
 """
 
 from bncheck.api._bench import BenchResult, BenchRow, BenchSide, bench
-from bncheck.api._check import CheckResult, LayerCheck, OutputDivergence, check
+from bncheck.api._check import CheckResult, LayerCheck, OutputDivergence, check, check_paths
 from bncheck.api._common import open_model
 from bncheck.api._fold import FoldResult, Verification, fold, verify_same_function
 from bncheck.api._inspect import InspectResult, InspectRun, ModelEntry, inspect, inspect_paths
@@ -32,6 +32,7 @@ __all__ = [
     "Verification",
     "bench",
     "check",
+    "check_paths",
     "fold",
     "inspect",
     "inspect_paths",

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from bncheck.api._common import as_handle
+from bncheck.api._inspect import InspectRun, ModelEntry, each_model
 from bncheck.backends import ModelHandle
 from bncheck.errors import InputError
 from bncheck.layers import BNLayer, Finding, ModelInfo, Severity
@@ -351,4 +352,34 @@ def _evidence(result: CheckResult) -> DataEvidence:
         synthetic=result.synthetic,
         samples=result.samples if div is None else div.samples,
         names={x.name: x.origin for x in result.info.bn_layers},
+    )
+
+
+def check_paths(
+    paths: Sequence[str | os.PathLike[str]],
+    *,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    arch: str | Mapping[str, str] | None = None,
+    root: str | os.PathLike[str] | None = None,
+    on_error: Callable[[ModelEntry], None] | None = None,
+    **check_options: Any,
+) -> InspectRun:
+    """``check`` every model in ``paths`` on the same data (``check_options`` are ``check``'s),
+    as ``inspect_paths`` walks them: files and folders, ``include``/``exclude`` globs, ``arch``
+    one factory or a ``{glob: factory}`` table; a model that cannot be read or run becomes an
+    error entry and the others are still checked."""
+
+    def one(path: Any, factory: str | None) -> CheckResult:
+        return check(path, arch=factory, **check_options)
+
+    return each_model(
+        paths,
+        one,
+        include=include,
+        exclude=exclude,
+        arch=arch,
+        root=root,
+        on_error=on_error,
+        done="checked",
     )

@@ -53,25 +53,27 @@ def inspect(
 
 @dataclass
 class ModelEntry:
-    """One file of a run over several models: inspected (``result``), unreadable (``error``,
-    with the exit code that error calls for) or skipped (``skipped``, the reason)."""
+    """One file of a run over several models: done (``result``: an ``InspectResult`` or a
+    ``CheckResult``), unreadable (``error``, with the exit code that error calls for) or
+    skipped (``skipped``, the reason). ``done`` is the word for a result: inspected, checked."""
 
     path: str
-    result: InspectResult | None = None
+    result: Any = None
     error: str | None = None
     error_exit: int = int(ExitCode.ERROR)
     skipped: str | None = None
     seconds: float = 0.0
     exception: BaseException | None = field(default=None, repr=False)  # for -v tracebacks
+    done: str = "inspected"
 
     @property
     def status(self) -> str:
-        return "inspected" if self.result else ("error" if self.error else "skipped")
+        return self.done if self.result else ("error" if self.error else "skipped")
 
 
 @dataclass
 class InspectRun:
-    """``inspect`` over several files and folders: one entry per model, in the walk's order;
+    """A command over several files and folders: one entry per model, in the walk's order;
     ``excluded`` lists the named paths that ``exclude`` globs left out."""
 
     entries: list[ModelEntry] = field(default_factory=list)
@@ -111,18 +113,38 @@ def inspect_paths(
     in a folder with no factory for it is skipped with a note; one named explicitly is an error.
     """
     validate_codes([*(select or []), *(ignore or [])], all_rules().keys())
+
+    def one(path: Path, factory: str | None) -> InspectResult:
+        return inspect(path, select=select, ignore=ignore, arch=factory, **open_options)
+
+    return each_model(
+        paths, one, include=include, exclude=exclude, arch=arch, root=root, on_error=on_error
+    )
+
+
+def each_model(
+    paths: Sequence[str | os.PathLike[str]],
+    run_one: Callable[[Path, str | None], Any],
+    *,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    arch: str | Mapping[str, str] | None = None,
+    root: str | os.PathLike[str] | None = None,
+    on_error: Callable[[ModelEntry], None] | None = None,
+    done: str = "inspected",
+) -> InspectRun:
+    """``run_one(path, factory)`` for every model in ``paths`` (see ``inspect_paths``): one
+    model's error, even an internal one, becomes its entry and never hides the others."""
     base = Path(root) if root is not None else Path.cwd()
     targets, excluded = expand(paths, root=base, include=include, exclude=exclude)
     run = InspectRun(excluded=[str(p) for p in excluded])
     for target in targets:
         rel = relative(target.path, base)
         factory = arch if isinstance(arch, str) or arch is None else first_match(rel, dict(arch))
-        entry = ModelEntry(path=str(target.path))
+        entry = ModelEntry(path=str(target.path), done=done)
         start = time.perf_counter()
         try:
-            entry.result = inspect(
-                target.path, select=select, ignore=ignore, arch=factory, **open_options
-            )
+            entry.result = run_one(target.path, factory)
         except BncheckError as exc:
             if not target.explicit and factory is None and _needs_arch(exc):
                 entry.skipped = "a state dict: no --arch, and no `arch` entry matches its path"

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import sys
+import traceback
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, NoReturn
 
 import typer
 
@@ -13,6 +14,7 @@ from bncheck.cli import (
     ArchOpt,
     ChannelOrderOpt,
     CheckpointKeyOpt,
+    Common,
     CropOpt,
     DataKwargsOpt,
     DataOpt,
@@ -32,17 +34,25 @@ from bncheck.cli import (
     VerboseOpt,
     app,
     common,
+    console,
     data_spec,
+    emit,
     exit_code_for,
     progress_bar,
     render,
 )
+from bncheck.errors import InputError
 
 
 @app.command()
 def check(
-    model: Annotated[
-        Path, typer.Argument(help="model file: .onnx, .pt2, .pt/.pth/.bin, .safetensors")
+    models: Annotated[
+        list[Path],
+        typer.Argument(
+            help="model files (.onnx, .pt2, .pt/.pth/.bin, .safetensors) or folders: one "
+            "--data serves them all",
+            show_default=False,
+        ),
     ],
     data: DataOpt = None,
     data_kwargs: DataKwargsOpt = None,
@@ -114,27 +124,66 @@ def check(
         check_html.check_report_path(report)  # fail before the work, not after it
     spec = data_spec(params, opts.config)
     open_options = dict(opts.open_options)
-    input_shapes = open_options.pop("input_shapes", None)
+    check_options = dict(
+        data=spec,
+        synthetic=synthetic,
+        batch_size=batch_size,
+        max_samples=max_samples,
+        max_batches=max_batches,
+        thresholds=thresholds,
+        input_shapes=open_options.pop("input_shapes", None),
+        select=opts.select,
+        ignore=opts.ignore,
+        task=task or opts.config.get("task"),
+    )
+    if len(models) > 1 or models[0].is_dir():
+        if report is not None:
+            raise InputError("--report writes one model's page: give one model with it")
+        _check_many(models, opts, {**check_options, **open_options})
     show_bar = opts.format == "text" and not opts.quiet and sys.stderr.isatty()
     with progress_bar(show_bar, "checking") as progress:
-        result = run_check(
-            model,
-            data=spec,
-            synthetic=synthetic,
-            batch_size=batch_size,
-            max_samples=max_samples,
-            max_batches=max_batches,
-            thresholds=thresholds,
-            input_shapes=input_shapes,
-            progress=progress,
-            select=opts.select,
-            ignore=opts.ignore,
-            task=task or opts.config.get("task"),
-            **open_options,
-        )
+        result = run_check(models[0], progress=progress, **check_options, **open_options)
     if report is not None:
         written = check_html.write_html(result, report)
         if not opts.quiet:
             print(f"bncheck: wrote {written}", file=sys.stderr)
     render(rep, result, opts, verbose=opts.verbose, show_info=bool(opts.select))
     raise typer.Exit(exit_code_for(result.findings, opts.fail_on))
+
+
+def _check_many(models: list[Path], opts: Common, options: dict[str, Any]) -> NoReturn:
+    """``check`` over several models on one dataset: a section per model, a total, and the
+    worst exit code; a model that cannot be read or run is said at once and the rest go on."""
+    from bncheck import api
+    from bncheck.report import inspect_run as rep
+
+    def said(entry: api.ModelEntry) -> None:
+        if opts.verbose and entry.exception is not None:
+            traceback.print_exception(entry.exception)
+        print(f"bncheck: error: {entry.error}", file=sys.stderr)
+
+    cfg = opts.config
+    table = cfg.get("arch") if isinstance(cfg.get("arch"), dict) else None
+    arch = options.pop("arch", None) or table
+    run = api.check_paths(
+        models,
+        include=cfg.get("include", []),
+        exclude=cfg.get("exclude", []),
+        arch=arch,
+        root=cfg.root,
+        on_error=said,
+        **options,
+    )
+    if not run.entries:
+        print("bncheck: warning: no model files found in the given paths", file=sys.stderr)
+    if opts.format == "json":
+        emit(rep.to_json(run, opts.fail_on))
+    elif opts.format == "github":
+        emit(rep.render_github(run))
+    elif opts.format == "markdown":
+        emit(rep.render_markdown(run))
+    else:
+        rep.render_text(
+            run, console(), verbose=opts.verbose, quiet=opts.quiet, show_info=bool(opts.select)
+        )
+    raise typer.Exit(rep.exit_code(run, opts.fail_on))

@@ -149,9 +149,15 @@ def _layer_dict(lc: LayerCheck, first: str | None) -> dict[str, Any]:
 
 
 def to_json(result: CheckResult) -> str:
+    return dump_json(SCHEMA, payload(result))
+
+
+def payload(result: CheckResult) -> dict[str, Any]:
+    """The body of a ``bncheck.check/1`` document (also one model's entry in a run over
+    several models)."""
     info = result.info
     d = result.divergence
-    payload = {
+    return {
         "model": {"path": info.path, "format": info.format, "framework": info.framework},
         "data": {
             "description": result.data,
@@ -181,7 +187,6 @@ def to_json(result: CheckResult) -> str:
             **severity_counts(result.findings),
         },
     }
-    return dump_json(SCHEMA, payload)
 
 
 def render_text(

@@ -1,8 +1,9 @@
-"""Render an ``InspectRun`` (``inspect`` over several models; json schema ``bncheck.inspect/2``).
+"""Render an ``InspectRun``: ``inspect`` over several models (json schema
+``bncheck.inspect/2``), or ``check`` over several models on one dataset (``bncheck.check/2``).
 
-Each inspected model is rendered as ``report.inspect`` renders it alone (its json entry is the
-body of a ``bncheck.inspect/1`` document); models that could not be read or were skipped get an
-entry of their own, and a total closes the report.
+Each model is rendered as its own report module renders it alone (``report.inspect`` or
+``report.check``; its json entry is the body of that module's ``/1`` document); models that could
+not be read or were skipped get an entry of their own, and a total closes the report.
 """
 
 from __future__ import annotations
@@ -18,6 +19,19 @@ from bncheck.report import _gh_escape, counts_text, dump_json, md_escape, severi
 from bncheck.report import inspect as one
 
 SCHEMA = "bncheck.inspect/2"
+SCHEMAS = {"inspected": SCHEMA, "checked": "bncheck.check/2"}
+
+
+def _done(run: InspectRun) -> str:
+    """What the run did to each model: "inspected" or "checked"."""
+    return run.entries[0].done if run.entries else "inspected"
+
+
+def _report(result: Any) -> Any:
+    """The report module that renders one model's result alone."""
+    from bncheck.report import check
+
+    return check if isinstance(result, check.CheckResult) else one
 
 
 def failing(findings: Iterable[Finding], fail_on: str) -> list[Finding]:
@@ -38,7 +52,7 @@ def exit_code(run: InspectRun, fail_on: str) -> int:
 def totals(run: InspectRun) -> dict[str, int]:
     return {
         "models": len(run.entries),
-        "inspected": sum(1 for e in run.entries if e.result),
+        _done(run): sum(1 for e in run.entries if e.result),
         "unreadable": len(run.errors),
         "skipped": len(run.skipped),
         **severity_counts(run.findings),
@@ -48,7 +62,7 @@ def totals(run: InspectRun) -> dict[str, int]:
 def summary_line(run: InspectRun) -> str:
     t = totals(run)
     models = f"{t['models']} model{'' if t['models'] == 1 else 's'}"
-    parts = [f"{t['inspected']} inspected"]
+    parts = [f"{t[_done(run)]} {_done(run)}"]
     if t["unreadable"]:
         parts.append(f"{t['unreadable']} unreadable")
     if t["skipped"]:
@@ -65,7 +79,7 @@ def _reason(e: ModelEntry) -> str:
 def entry_dict(e: ModelEntry) -> dict[str, Any]:
     head: dict[str, Any] = {"path": e.path, "status": e.status}
     if e.result is not None:
-        return {**head, **one.payload(e.result)}
+        return {**head, **_report(e.result).payload(e.result)}
     if e.error is not None:
         return {**head, "error": e.error, "exit_code": e.error_exit}
     return {**head, "reason": e.skipped}
@@ -73,7 +87,7 @@ def entry_dict(e: ModelEntry) -> dict[str, Any]:
 
 def to_json(run: InspectRun, fail_on: str) -> str:
     return dump_json(
-        SCHEMA,
+        SCHEMAS[_done(run)],
         {
             "models": [entry_dict(e) for e in run.entries],
             "excluded": run.excluded,
@@ -93,9 +107,10 @@ def render_text(
     for e in run.entries:
         if e.result is not None:
             if quiet:
-                console.print(one.summary_line(e.result))
+                console.print(_report(e.result).summary_line(e.result))
             else:
-                one.render_text(e.result, console, verbose=verbose, show_info=show_info)
+                rep = _report(e.result)
+                rep.render_text(e.result, console, verbose=verbose, show_info=show_info)
                 console.print()
         elif e.error is not None:
             console.print(
@@ -107,10 +122,11 @@ def render_text(
 
 
 def render_markdown(run: InspectRun) -> str:
-    lines = [f"## bncheck inspect: {summary_line(run)}", ""]
+    command = "check" if _done(run) == "checked" else "inspect"
+    lines = [f"## bncheck {command}: {summary_line(run)}", ""]
     for e in run.entries:
         if e.result is not None:
-            lines.append(one.render_markdown(e.result))
+            lines.append(_report(e.result).render_markdown(e.result))
         elif e.error is not None:
             lines += [
                 f"### `{md_escape(e.path)}`: could not be read",
@@ -127,7 +143,7 @@ def render_github(run: InspectRun) -> str:
     lines: list[str] = []
     for e in run.entries:
         if e.result is not None:
-            lines.append(one.render_github(e.result))
+            lines.append(_report(e.result).render_github(e.result))
             continue
         level = "error" if e.error is not None else "notice"
         what = "could not be read" if e.error is not None else "skipped"
