@@ -13,6 +13,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -220,6 +221,19 @@ def _env_trust() -> bool:
     return os.environ.get("BNCHECK_TRUST_PICKLE", "").strip().lower() in ("1", "true", "yes")
 
 
+def _config_arch(cfg: Config, model: Path | None) -> str | None:
+    """``arch`` from the pyproject: one factory, or the first glob of its table that matches
+    ``model`` (relative to the pyproject's folder); None for a table without a model."""
+    value = cfg.get("arch")
+    if isinstance(value, str) or value is None:
+        return value
+    if model is None:
+        return None
+    from bncheck.api._walk import first_match, relative
+
+    return first_match(relative(model, cfg.root), value)
+
+
 def common(
     fmt: str | None,
     fail_on: str | None,
@@ -235,7 +249,11 @@ def common(
     formats: tuple[str, ...] = ("text", "json", "github", "markdown"),
     checkpoint_key: str | None = None,
     dynamic_dims: list[str] | None = None,
+    model: Path | None = None,
 ) -> Common:
+    """The shared options, merged: command line > ``[tool.bncheck]`` > defaults. With
+    ``model``, an ``arch`` table in the pyproject (``{"glob" = "factory"}``) gives that model's
+    factory (first match); commands over several models resolve it per model instead."""
     cfg = load_config()
     for w in cfg.warnings:
         print(f"bncheck: warning: {w}", file=sys.stderr)
@@ -261,8 +279,7 @@ def common(
         select=_split(select) or list(cfg.get("select", [])),
         ignore=_split(ignore) or list(cfg.get("ignore", [])),
         open_options={
-            # A per-path table (`arch = {"glob" = "factory"}`) is resolved per model by inspect.
-            "arch": arch or (cfg.get("arch") if isinstance(cfg.get("arch"), str) else None),
+            "arch": arch or _config_arch(cfg, model),
             "arch_kwargs": kwargs,
             "trust_pickle": trust_pickle or _env_trust(),
             "input_shapes": shapes,

@@ -114,7 +114,7 @@ def check(
 
     opts = common(
         fmt, fail_on, select, ignore, arch, arch_kwargs, trust_pickle, input_shape, verbose, quiet,
-        checkpoint_key=checkpoint_key,
+        checkpoint_key=checkpoint_key, model=models[0] if len(models) == 1 else None,
     )  # fmt: skip
     where = f"{opts.config.source or 'pyproject.toml'}: [tool.bncheck.thresholds]"
     thresholds = CheckThresholds.from_mapping(opts.config.get("thresholds"), source=where)

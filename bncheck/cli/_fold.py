@@ -94,7 +94,7 @@ def fold(
 
     opts = common(
         fmt, None, None, None, arch, arch_kwargs, trust_pickle, input_shape, verbose, quiet,
-        checkpoint_key=checkpoint_key, dynamic_dims=dynamic_dims,
+        checkpoint_key=checkpoint_key, dynamic_dims=dynamic_dims, model=model,
     )  # fmt: skip
     result = api.fold(
         model,

@@ -114,7 +114,7 @@ def recalibrate(
 
     opts = common(
         fmt, fail_on, None, None, arch, arch_kwargs, trust_pickle, input_shape, verbose, quiet,
-        checkpoint_key=checkpoint_key, dynamic_dims=dynamic_dims,
+        checkpoint_key=checkpoint_key, dynamic_dims=dynamic_dims, model=model,
     )  # fmt: skip
     where = f"{opts.config.source or 'pyproject.toml'}: [tool.bncheck.thresholds]"
     thresholds = RecalibrateThresholds.from_mapping(opts.config.get("thresholds"), source=where)

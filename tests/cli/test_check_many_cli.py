@@ -72,3 +72,21 @@ def test_html_report_takes_one_model(run_cli, repo, tmp_path):
     r = run_cli("check", good, good, "--data", DATA, "--report", tmp_path / "r.html")
     assert_clean_error(r, "--report writes one model's page")
     assert not (tmp_path / "r.html").exists()
+
+
+def test_arch_table_serves_every_command_on_one_model(run_cli, tmp_path, monkeypatch):
+    # `arch = {glob = factory}` in the pyproject picks the factory of the one model a command
+    # names, as it does per model for inspect and check over folders.
+    (tmp_path / "models").mkdir()
+    shutil.copy(SAMPLES / "resnet.pt", tmp_path / "models" / "r.pt")
+    (tmp_path / "pyproject.toml").write_text(
+        '[tool.bncheck]\narch = {"models/*.pt" = "bncheck.samples:small_resnet"}\n'
+    )
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "r.onnx"
+    folded = run_cli("fold", "models/r.pt", "-o", out, "--format", "json")
+    assert folded.code == 0, folded
+    assert json.loads(folded.out)["summary"]["folded"] == 9 and out.is_file()
+    checked = run_cli("check", "models/r.pt", "--data", DATA, "--format", "json")
+    assert checked.code == 0, checked
+    assert json.loads(checked.out)["data"]["samples"] == 256
