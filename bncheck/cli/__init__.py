@@ -6,22 +6,25 @@ one exits 1, which CI reads as "findings": an internal error must be 2.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
 
 from bncheck import __version__
-from bncheck.config import Config, load_config
 from bncheck.errors import BncheckError, ExitCode, InputError
-from bncheck.layers import Finding, Severity
+
+# Only what --help and --version need is imported at start-up; the config reader, numpy (via
+# layers), rich's console and each command's machinery load when a command runs.
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from bncheck.config import Config
+    from bncheck.layers import Finding
 
 app = typer.Typer(
     name="bncheck",
@@ -136,6 +139,10 @@ def common(
     verbose: bool,
     quiet: bool,
 ) -> Common:
+    import json
+
+    from bncheck.config import load_config
+
     cfg = load_config()
     for w in cfg.warnings:
         print(f"bncheck: warning: {w}", file=sys.stderr)
@@ -175,6 +182,8 @@ def exit_code_for(findings: list[Finding], fail_on: str) -> int:
     """0 when nothing reaches --fail-on, 1 otherwise (ruff's convention)."""
     if fail_on == "never":
         return ExitCode.OK
+    from bncheck.layers import Severity
+
     threshold = Severity(fail_on).rank
     hit = any(f.severity.rank >= threshold for f in findings)
     return ExitCode.FINDINGS if hit else ExitCode.OK
@@ -182,6 +191,8 @@ def exit_code_for(findings: list[Finding], fail_on: str) -> int:
 
 def console() -> Console:
     # Off a terminal (CI logs, pipes) rich would wrap at 80 columns; 120 keeps a row a line.
+    from rich.console import Console
+
     width = None if sys.stdout.isatty() else int(os.environ.get("COLUMNS", "120"))
     return Console(highlight=False, soft_wrap=False, width=width)
 
@@ -292,11 +303,15 @@ def main(argv: list[str] | None = None) -> None:
         code = ExitCode.ERROR
     except BncheckError as exc:
         if verbose:
+            import traceback
+
             traceback.print_exc()
         print(f"bncheck: error: {exc}", file=sys.stderr)
         code = exc.exit_code
     except Exception as exc:  # the last line of defence: see the module docstring
         if verbose:
+            import traceback
+
             traceback.print_exc()
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         print(
