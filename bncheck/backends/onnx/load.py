@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import onnx
+from google.protobuf.message import Message
 from onnx import AttributeProto, GraphProto, ModelProto, TensorProto
 
 from bncheck.backends.onnx.graph import (
@@ -271,6 +272,47 @@ def _check_constant_of_shape(model: ModelProto, path: Path) -> None:
                 )
 
 
+# Fields a plain raw-data initializer may carry; one with any other stays whole in the view.
+_PLAIN_TENSOR_FIELDS = frozenset({"name", "dims", "data_type", "raw_data", "doc_string"})
+_STUB_ABOVE_BYTES = 4096
+
+
+def _copy_fields(src: Message, dst: Message, skip: str) -> None:
+    for fd, value in src.ListFields():
+        if fd.name == skip:
+            continue
+        if fd.is_repeated:
+            getattr(dst, fd.name).extend(value)
+        elif fd.message_type is not None:
+            getattr(dst, fd.name).CopyFrom(value)
+        else:
+            setattr(dst, fd.name, value)
+
+
+def _checker_view(model: ModelProto) -> ModelProto:
+    """``model`` for ``onnx.checker``, with each large top-level initializer replaced by a
+    one-element tensor of the same name and type.
+
+    The checker serializes the whole model (two full copies of every weight: most of the
+    time ``inspect`` took on a 100 MB model) but, of a plain raw-data tensor, only checks that
+    its bytes match its dims — which ``_check_tensor`` has already checked for every tensor.
+    Everything else it checks (nodes, names, types, opsets, functions, subgraphs) is kept."""
+    view = ModelProto()
+    _copy_fields(model, view, skip="graph")
+    _copy_fields(model.graph, view.graph, skip="initializer")
+    for t in model.graph.initializer:
+        itemsize = _element_bytes(t, 1) if t.data_type not in _PACKED_BITS else None
+        plain = itemsize and {fd.name for fd, _ in t.ListFields()} <= _PLAIN_TENSOR_FIELDS
+        if plain and len(t.raw_data) > _STUB_ABOVE_BYTES:
+            stub = view.graph.initializer.add()
+            stub.name, stub.data_type = t.name, t.data_type
+            stub.dims.append(1)
+            stub.raw_data = t.raw_data[:itemsize]
+        else:
+            view.graph.initializer.append(t)
+    return view
+
+
 def load_model(path: Path) -> tuple[ModelProto, bool]:
     """Parse, validate and fully load the ONNX model at ``path``.
 
@@ -319,9 +361,10 @@ def load_model(path: Path) -> tuple[ModelProto, bool]:
     _check_constant_of_shape(model, path)
 
     try:
-        if model.ByteSize() < MAX_PROTO_BYTES:
-            onnx.checker.check_model(model)
-        else:  # too large to serialize in memory: let the checker read the file itself
+        view = _checker_view(model)
+        if view.ByteSize() < MAX_PROTO_BYTES:
+            onnx.checker.check_model(view)
+        else:  # a graph too large to serialize in memory: let the checker read the file
             onnx.checker.check_model(str(path))
     except (onnx.checker.ValidationError, ValueError, RuntimeError) as exc:
         raise InputError(f"{path}: invalid ONNX model ({first_line(exc)})") from None
