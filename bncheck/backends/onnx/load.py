@@ -27,7 +27,14 @@ from bncheck.backends.onnx.graph import (
 )
 from bncheck.errors import InputError, first_line
 
-__all__ = ["MAX_ELEMENTS", "MAX_PROTO_BYTES", "iter_tensors", "load_model"]
+__all__ = [
+    "MAX_ELEMENTS",
+    "MAX_PROTO_BYTES",
+    "checker_view",
+    "iter_tensors",
+    "load_model",
+    "serialized_size",
+]
 
 #: Largest element count bncheck accepts for one declared tensor (or ConstantOfShape output).
 MAX_ELEMENTS = 2**31
@@ -272,9 +279,10 @@ def _check_constant_of_shape(model: ModelProto, path: Path) -> None:
                 )
 
 
-# Fields a plain raw-data initializer may carry; one with any other stays whole in the view.
-_PLAIN_TENSOR_FIELDS = frozenset({"name", "dims", "data_type", "raw_data", "doc_string"})
+# A top-level initializer above this many bytes reaches the checker as a one-element stub.
 _STUB_ABOVE_BYTES = 4096
+_TYPED_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "double_data",
+                 "uint64_data", "external_data")  # fmt: skip
 
 
 def _copy_fields(src: Message, dst: Message, skip: str) -> None:
@@ -289,28 +297,56 @@ def _copy_fields(src: Message, dst: Message, skip: str) -> None:
             setattr(dst, fd.name, value)
 
 
-def _checker_view(model: ModelProto) -> ModelProto:
+def _stub_bytes(t: TensorProto) -> int | None:
+    """Bytes of one element when ``t`` holds only raw data larger than the stub limit (read
+    from its dims and type: touching ``raw_data`` would copy the whole buffer)."""
+    if (
+        t.data_type in _PACKED_BITS
+        or not t.HasField("raw_data")
+        or t.data_location != TensorProto.DEFAULT
+        or t.HasField("segment")
+        or any(len(getattr(t, f)) for f in _TYPED_FIELDS)
+    ):
+        return None
+    itemsize = _element_bytes(t, 1)
+    if not itemsize or itemsize * tensor_element_count(t) <= _STUB_ABOVE_BYTES:
+        return None
+    return itemsize
+
+
+def checker_view(model: ModelProto) -> ModelProto:
     """``model`` for ``onnx.checker``, with each large top-level initializer replaced by a
     one-element tensor of the same name and type.
 
-    The checker serializes the whole model (two full copies of every weight: most of the
-    time ``inspect`` took on a 100 MB model) but, of a plain raw-data tensor, only checks that
-    its bytes match its dims — which ``_check_tensor`` has already checked for every tensor.
-    Everything else it checks (nodes, names, types, opsets, functions, subgraphs) is kept."""
+    The checker serializes the whole model (a full copy of every weight, plus onnx's size
+    check: most of the time ``inspect`` took on a 100 MB model) but, of a plain raw-data
+    tensor, only checks that its bytes match its dims — which ``_check_tensor`` has already
+    checked for every tensor. Everything else it checks (nodes, names, types, opsets,
+    functions, subgraphs) is kept."""
     view = ModelProto()
     _copy_fields(model, view, skip="graph")
     _copy_fields(model.graph, view.graph, skip="initializer")
     for t in model.graph.initializer:
-        itemsize = _element_bytes(t, 1) if t.data_type not in _PACKED_BITS else None
-        plain = itemsize and {fd.name for fd, _ in t.ListFields()} <= _PLAIN_TENSOR_FIELDS
-        if plain and len(t.raw_data) > _STUB_ABOVE_BYTES:
-            stub = view.graph.initializer.add()
-            stub.name, stub.data_type = t.name, t.data_type
-            stub.dims.append(1)
-            stub.raw_data = t.raw_data[:itemsize]
-        else:
+        itemsize = _stub_bytes(t)
+        if itemsize is None:
             view.graph.initializer.append(t)
+            continue
+        stub = view.graph.initializer.add()
+        stub.name, stub.data_type = t.name, t.data_type
+        stub.dims.append(1)
+        stub.raw_data = bytes(itemsize)
     return view
+
+
+def serialized_size(model: ModelProto) -> int:
+    """``model.ByteSize()`` to within a few bytes per tensor, without encoding every weight
+    (protobuf's ByteSize serializes the whole message: seconds for a 500 MB model): the
+    checker view's size plus the declared bytes of the tensors it stubs."""
+    size = checker_view(model).ByteSize()
+    for t in model.graph.initializer:
+        if _stub_bytes(t) is not None:
+            size += _element_bytes(t, tensor_element_count(t)) or 0
+    return size
 
 
 def load_model(path: Path) -> tuple[ModelProto, bool]:
@@ -361,7 +397,7 @@ def load_model(path: Path) -> tuple[ModelProto, bool]:
     _check_constant_of_shape(model, path)
 
     try:
-        view = _checker_view(model)
+        view = checker_view(model)
         if view.ByteSize() < MAX_PROTO_BYTES:
             onnx.checker.check_model(view)
         else:  # a graph too large to serialize in memory: let the checker read the file
