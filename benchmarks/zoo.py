@@ -16,8 +16,9 @@ BASIC level (the BN left in the optimised model it saves). Every result is verif
 independently of the tool: ONNX at ``ORT_DISABLE_ALL`` against the unfolded file, torch
 against the eager model, with ``max|Δ| ≤ 1e-5 + 1e-4·max|ref|`` on a batch of 2.
 
-Each model runs in its own process (``--worker``) and leaves a JSON record in ``--out``, so a
-crash costs one row and an interrupted run resumes (``--resume``). Run it niced, one thread:
+The models run in a child process (``--worker``), each leaving a JSON record in ``--out``; a
+crash costs one row (a new child takes the rest) and an interrupted run resumes (``--resume``).
+Run it niced, one thread:
 
     OMP_NUM_THREADS=1 nice -n 19 python benchmarks/zoo.py --out /tmp/zoo
 """
@@ -42,52 +43,53 @@ ATOL, RTOL = 1e-5, 1e-4
 ONNX_TOOLS = ("bncheck", "onnxslim", "onnxsim", "onnxoptimizer", "ort-basic")
 TORCH_TOOLS = ("bncheck", "torch.fx")
 
-# name → (library, constructor name, input shape, constructor kwargs)
+# name → (library, constructor name, input shape, constructor kwargs); cheapest first, so a
+# partial run still covers the most architectures
 ZOO: dict[str, tuple[str, str, tuple[int, ...], dict[str, Any]]] = {
-    "resnet18": ("tv", "resnet18", (1, 3, 64, 64), {}),
-    "resnet50": ("tv", "resnet50", (1, 3, 64, 64), {}),
-    "resnext50_32x4d": ("tv", "resnext50_32x4d", (1, 3, 64, 64), {}),
     "mobilenet_v2": ("tv", "mobilenet_v2", (1, 3, 64, 64), {}),
-    "mobilenet_v3_large": ("tv", "mobilenet_v3_large", (1, 3, 64, 64), {}),
-    "efficientnet_b0": ("tv", "efficientnet_b0", (1, 3, 64, 64), {}),
-    "regnet_y_400mf": ("tv", "regnet_y_400mf", (1, 3, 64, 64), {}),
     "shufflenet_v2_x0_5": ("tv", "shufflenet_v2_x0_5", (1, 3, 64, 64), {}),
     "mnasnet0_5": ("tv", "mnasnet0_5", (1, 3, 64, 64), {}),
-    "densenet121": ("tv", "densenet121", (1, 3, 64, 64), {}),
-    "googlenet": ("tv", "googlenet", (1, 3, 64, 64), {"aux_logits": False, "init_weights": True}),
-    "vgg11_bn": ("tv", "vgg11_bn", (1, 3, 64, 64), {}),
-    "r3d_18": ("tv-video", "r3d_18", (1, 3, 4, 32, 32), {}),
-    "deeplabv3_mobilenet_v3": (
-        "tv-seg",
-        "deeplabv3_mobilenet_v3_large",
-        (1, 3, 64, 64),
-        {"weights_backbone": None, "aux_loss": False},
-    ),
+    "lcnet_050": ("timm", "lcnet_050", (1, 3, 64, 64), {}),
+    "mobilenet_v3_large": ("tv", "mobilenet_v3_large", (1, 3, 64, 64), {}),
+    "ghostnet_100": ("timm", "ghostnet_100", (1, 3, 64, 64), {}),
+    "mixnet_s": ("timm", "mixnet_s", (1, 3, 64, 64), {}),
+    "efficientnet_b0": ("tv", "efficientnet_b0", (1, 3, 64, 64), {}),
+    "tf_efficientnet_b0": ("timm", "tf_efficientnet_b0", (1, 3, 64, 64), {}),
+    "rexnet_100": ("timm", "rexnet_100", (1, 3, 64, 64), {}),
+    "mobileone_s0": ("timm", "mobileone_s0", (1, 3, 64, 64), {}),
+    "repvgg_a0": ("timm", "repvgg_a0", (1, 3, 64, 64), {}),
+    "resnet18": ("tv", "resnet18", (1, 3, 64, 64), {}),
+    "regnet_y_400mf": ("tv", "regnet_y_400mf", (1, 3, 64, 64), {}),
+    "mobilevit_xxs": ("timm", "mobilevit_xxs", (1, 3, 64, 64), {}),
+    "fastvit_t8": ("timm", "fastvit_t8", (1, 3, 64, 64), {}),
+    "levit_128s": ("timm", "levit_128s", (1, 3, 64, 64), {"img_size": 64}),
+    "ese_vovnet19b_dw": ("timm", "ese_vovnet19b_dw", (1, 3, 64, 64), {}),
     "lraspp_mobilenet_v3": (
         "tv-seg",
         "lraspp_mobilenet_v3_large",
         (1, 3, 64, 64),
         {"weights_backbone": None},
     ),
-    "inception_v3": ("timm", "inception_v3", (1, 3, 96, 96), {}),
-    "resnetv2_50": ("timm", "resnetv2_50", (1, 3, 64, 64), {}),
-    "dpn68": ("timm", "dpn68", (1, 3, 64, 64), {}),
-    "ghostnet_100": ("timm", "ghostnet_100", (1, 3, 64, 64), {}),
-    "rexnet_100": ("timm", "rexnet_100", (1, 3, 64, 64), {}),
-    "mixnet_s": ("timm", "mixnet_s", (1, 3, 64, 64), {}),
-    "cspdarknet53": ("timm", "cspdarknet53", (1, 3, 64, 64), {}),
+    "deeplabv3_mobilenet_v3": (
+        "tv-seg",
+        "deeplabv3_mobilenet_v3_large",
+        (1, 3, 64, 64),
+        {"weights_backbone": None, "aux_loss": False},
+    ),
     "dla34": ("timm", "dla34", (1, 3, 64, 64), {}),
-    "ese_vovnet19b_dw": ("timm", "ese_vovnet19b_dw", (1, 3, 64, 64), {}),
-    "tf_efficientnet_b0": ("timm", "tf_efficientnet_b0", (1, 3, 64, 64), {}),
-    "repvgg_a0": ("timm", "repvgg_a0", (1, 3, 64, 64), {}),
-    "mobileone_s0": ("timm", "mobileone_s0", (1, 3, 64, 64), {}),
-    "levit_128s": ("timm", "levit_128s", (1, 3, 64, 64), {"img_size": 64}),
-    "hrnet_w18_small": ("timm", "hrnet_w18_small", (1, 3, 64, 64), {}),
-    "fastvit_t8": ("timm", "fastvit_t8", (1, 3, 64, 64), {}),
-    "mobilevit_xxs": ("timm", "mobilevit_xxs", (1, 3, 64, 64), {}),
-    "lcnet_050": ("timm", "lcnet_050", (1, 3, 64, 64), {}),
+    "resnet50": ("tv", "resnet50", (1, 3, 64, 64), {}),
+    "resnetv2_50": ("timm", "resnetv2_50", (1, 3, 64, 64), {}),
+    "resnext50_32x4d": ("tv", "resnext50_32x4d", (1, 3, 64, 64), {}),
     "res2net50_26w_4s": ("timm", "res2net50_26w_4s", (1, 3, 64, 64), {}),
+    "hrnet_w18_small": ("timm", "hrnet_w18_small", (1, 3, 64, 64), {}),
     "efficientformer_l1": ("timm", "efficientformer_l1", (1, 3, 64, 64), {"img_size": 64}),
+    "googlenet": ("tv", "googlenet", (1, 3, 64, 64), {"aux_logits": False, "init_weights": True}),
+    "inception_v3": ("timm", "inception_v3", (1, 3, 96, 96), {}),
+    "densenet121": ("tv", "densenet121", (1, 3, 64, 64), {}),
+    "dpn68": ("timm", "dpn68", (1, 3, 64, 64), {}),
+    "cspdarknet53": ("timm", "cspdarknet53", (1, 3, 64, 64), {}),
+    "r3d_18": ("tv-video", "r3d_18", (1, 3, 4, 32, 32), {}),
+    "vgg11_bn": ("tv", "vgg11_bn", (1, 3, 64, 64), {}),
 }
 
 
@@ -270,8 +272,9 @@ def ort_outputs(path: Path, x: Any) -> list[Any]:
     return sess.run(None, {sess.get_inputs()[0].name: x})
 
 
-def verify_onnx(reference: Path, candidate: Path, x: Any) -> tuple[bool, float]:
-    refs, gots = ort_outputs(reference, x), ort_outputs(candidate, x)
+def verify_onnx(refs: list[Any], candidate: Path, x: Any) -> tuple[bool, float]:
+    """``candidate`` at ORT_DISABLE_ALL against ``refs``, the unfolded file's outputs."""
+    gots = ort_outputs(candidate, x)
     results = [_close(r, g) for r, g in zip(refs, gots, strict=False)]
     ok = len(refs) == len(gots) and all(r[0] for r in results)
     return ok, max((r[1] for r in results), default=0.0)
@@ -374,6 +377,7 @@ def worker(name: str, out: Path) -> dict[str, Any]:
     # exported and compared at batch 2: a batch of 1 would pin the dynamic batch dim
     x2 = torch.cat([x, torch.randn(x.shape, generator=torch.Generator().manual_seed(7))])
     ref = torch_out(model, x2)
+    rec["output_std"] = float(ref.std())  # a constant output would verify anything
 
     files = {"pt2": work / "model.pt2", "onnx": work / "model.onnx", "cf": work / "model-cf.onnx"}
     sink = io.StringIO()
@@ -420,10 +424,11 @@ def worker(name: str, out: Path) -> dict[str, Any]:
         if not src.exists():
             continue
         rec[f"bn_{variant}"] = onnx_bn_count(src)
+        refs: list[Any] = []
         try:
-            ort_outputs(src, x2np)
+            refs = ort_outputs(src, x2np)
             rec[f"{variant}_runs"] = True
-            rec[f"{variant}_vs_torch"] = _close(ref, ort_outputs(src, x2np)[0])[0]
+            rec[f"{variant}_vs_torch"] = _close(ref, refs[0])[0]
         except Exception as exc:
             rec[f"{variant}_runs"] = False
             rec[f"{variant}_run_error"] = _error(exc)
@@ -441,7 +446,7 @@ def worker(name: str, out: Path) -> dict[str, Any]:
             if dst.exists():
                 r["bn_left"] = onnx_bn_count(dst)
                 try:
-                    r["verified"], r["max_abs"] = verify_onnx(src, dst, x2np)
+                    r["verified"], r["max_abs"] = verify_onnx(refs, dst, x2np)
                 except Exception as exc:
                     r["verified"], r["verify_error"] = False, _error(exc)
             results[f"{variant}/{tool}"] = r
@@ -554,38 +559,48 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("/tmp/bncheck-zoo"))
     ap.add_argument("--only", nargs="*", help="these models only")
     ap.add_argument("--resume", action="store_true", help="keep records already in --out")
-    ap.add_argument("--timeout", type=float, default=1800, help="seconds per model")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--table", action="store_true", help="print the table from --out only")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.worker:
-        rec = worker(args.worker, args.out)
-        (args.out / f"{args.worker}.json").write_text(json.dumps(rec, indent=1))
+        # one process for many models (torch, timm and the exporters load once); the parent
+        # starts a new one past a model that crashed it
+        for name in args.worker.split(","):
+            t = time.perf_counter()
+            (args.out / f"{name}.running").write_text("")
+            try:
+                rec = worker(name, args.out)
+            except Exception as exc:  # building or tracing the model failed: one row lost
+                rec = {"model": name, "worker_error": _error(exc)}
+            rec["worker_s"] = time.perf_counter() - t
+            (args.out / f"{name}.json").write_text(json.dumps(rec, indent=1))
+            (args.out / f"{name}.running").unlink()
+            print(f"{name}: {rec['worker_s']:.0f} s", file=sys.stderr, flush=True)
         return
     names = args.only or list(ZOO)
     if not args.table:
-        for name in names:
-            path = args.out / f"{name}.json"
-            if args.resume and path.exists():
-                continue
-            t = time.perf_counter()
-            try:
-                proc = subprocess.run(
-                    [sys.executable, __file__, "--worker", name, "--out", str(args.out)],
-                    capture_output=True,
-                    text=True,
-                    timeout=args.timeout,
-                    env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")},
+        todo = [n for n in names if not (args.resume and (args.out / f"{n}.json").exists())]
+        while todo:
+            proc = subprocess.run(
+                [sys.executable, __file__, "--worker", ",".join(todo), "--out", str(args.out)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+                env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")},
+            )
+            for line in proc.stderr.splitlines():
+                if line.split(":")[0] in todo:
+                    print(line, file=sys.stderr, flush=True)
+            done = [n for n in todo if (args.out / f"{n}.json").exists()]
+            todo = [n for n in todo if n not in done]
+            if proc.returncode != 0 and todo:
+                crashed = todo.pop(0)
+                tail = proc.stderr.strip().splitlines()[-1:]
+                (args.out / f"{crashed}.json").write_text(
+                    json.dumps({"model": crashed, "worker_error": " ".join(tail)[:500]})
                 )
-                if proc.returncode != 0:
-                    tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:]
-                    path.write_text(
-                        json.dumps({"model": name, "worker_error": " ".join(tail)[:500]})
-                    )
-            except subprocess.TimeoutExpired:
-                path.write_text(json.dumps({"model": name, "worker_error": "timed out"}))
-            print(f"{name}: {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
+                (args.out / f"{crashed}.running").unlink(missing_ok=True)
     records = []
     for name in names:
         path = args.out / f"{name}.json"
