@@ -6,25 +6,25 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
+__all__ = [
+    "BenchResult",
+    "CheckResult",
+    "FoldResult",
+    "InspectResult",
+    "OptimizeResult",
+    "RecalibrateResult",
+    "__version__",
+    "bench",
+    "check",
+    "fold",
+    "inspect",
+    "open_model",
+    "optimize",
+    "recalibrate",
+]
 # The public API is loaded on first use (PEP 562), so `import bncheck` and `bncheck --version`
 # stay at the interpreter's start-up floor instead of pulling in numpy and every command.
-_API = frozenset(
-    {
-        "BenchResult",
-        "CheckResult",
-        "FoldResult",
-        "InspectResult",
-        "OptimizeResult",
-        "RecalibrateResult",
-        "bench",
-        "check",
-        "fold",
-        "inspect",
-        "open_model",
-        "optimize",
-        "recalibrate",
-    }
-)
+_API = frozenset(__all__) - {"__version__"}
 
 if TYPE_CHECKING:
     from bncheck.api import (
@@ -56,21 +56,3 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | _API)
-
-
-__all__ = [
-    "BenchResult",
-    "CheckResult",
-    "FoldResult",
-    "InspectResult",
-    "OptimizeResult",
-    "RecalibrateResult",
-    "__version__",
-    "bench",
-    "check",
-    "fold",
-    "inspect",
-    "open_model",
-    "optimize",
-    "recalibrate",
-]
