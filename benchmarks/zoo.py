@@ -119,8 +119,8 @@ def build(name: str) -> tuple[Any, Any]:
 
     lib, ctor, shape, kwargs = ZOO[name]
     torch.manual_seed(0)
+    _register_torchvision_schemas()  # timm imports torchvision too, when it is installed
     if lib.startswith("tv"):
-        _register_torchvision_schemas()
         import torchvision
 
         space = {
