@@ -275,6 +275,20 @@ from bncheck.cli import (  # noqa: E402, F401
 # ---- entry point --------------------------------------------------------------------------
 
 
+def _from_interrupt(exc: BaseException) -> bool:
+    """Whether ``exc`` was caused by Ctrl-C: a KeyboardInterrupt inside a compiled module's
+    import (commands import torch and onnxruntime when they start) surfaces as
+    ``ImportError: initialization failed`` raised from it."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI and exit with 0 / 1 / 2 / 130; never let an exception pick the code."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -309,17 +323,21 @@ def main(argv: list[str] | None = None) -> None:
         print(f"bncheck: error: {exc}", file=sys.stderr)
         code = exc.exit_code
     except Exception as exc:  # the last line of defence: see the module docstring
-        if verbose:
-            import traceback
+        if _from_interrupt(exc):
+            print("bncheck: interrupted", file=sys.stderr)
+            code, interrupted_said = ExitCode.INTERRUPTED, True
+        else:
+            if verbose:
+                import traceback
 
-            traceback.print_exc()
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        print(
-            f"bncheck: internal error: {type(exc).__name__}: {first} "
-            "(re-run with -v for the traceback)",
-            file=sys.stderr,
-        )
-        code = ExitCode.ERROR
+                traceback.print_exc()
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            print(
+                f"bncheck: internal error: {type(exc).__name__}: {first} "
+                "(re-run with -v for the traceback)",
+                file=sys.stderr,
+            )
+            code = ExitCode.ERROR
     if code == ExitCode.INTERRUPTED:
         if not interrupted_said:
             # typer turns KeyboardInterrupt into Exit(130), returned (not raised) silently.
