@@ -361,6 +361,10 @@ def run_bncheck(src: Path, dst: Path) -> dict[str, Any]:
     rec["folded"] = res.folded_count
     if not res.passed:
         rec["error"] = f"verification failed ({v.inputs}: max|Δ| {v.max_abs_error:.3g})"
+        # bncheck wrote nothing (exit 1): fold again unverified, so the check here can tell a
+        # wrong fold from a bound too tight for the model's output range
+        with contextlib.suppress(Exception):
+            bncheck.fold(src, dst, verify=False)
     return rec
 
 
@@ -416,6 +420,7 @@ def worker(name: str, out: Path) -> dict[str, Any]:
     x2 = torch.cat([x, torch.randn(x.shape, generator=torch.Generator().manual_seed(7))])
     ref = torch_out(model, x2)
     rec["output_std"] = float(ref.std())  # a constant output would verify anything
+    rec["output_max"] = float(abs(ref).max())
 
     files = {"pt2": work / "model.pt2", "onnx": work / "model.onnx", "cf": work / "model-cf.onnx"}
     sink = io.StringIO()
@@ -504,6 +509,8 @@ def _cell(r: dict[str, Any] | None) -> str:
     if "bn_left" not in r:
         return "fail"
     mark = "" if r.get("verified") else "✗"
+    if r.get("own_verification") is False:  # refused by bncheck's own check (exit 1)
+        mark += " (exit 1)"
     return f"{r['bn_left']}{mark}"
 
 
@@ -528,7 +535,7 @@ def table(records: list[dict[str, Any]]) -> str:
         for v, t in cols:
             r = res.get(f"{v}/{t}")
             cells.append(_cell(r))
-            if r and "bn_left" in r and r.get("verified"):
+            if r and "bn_left" in r and r.get("verified") and "error" not in r:
                 totals[(v, t)] += r["bn_left"]
             else:
                 failed[(v, t)] += 1
@@ -569,7 +576,14 @@ def failures(records: list[dict[str, Any]]) -> list[str]:
                 out.append(f"{rec['model']}: {k.removesuffix('_error')}: {rec[k]}")
         for key, r in rec.get("results", {}).items():
             if "error" in r:
-                out.append(f"{rec['model']} {key}: {r['error']}")
+                extra = ""
+                if "bn_left" in r:
+                    ok = "verifies" if r.get("verified") else "does NOT verify"
+                    extra = (
+                        f" — the same fold unverified {ok} here (max|Δ| {r.get('max_abs', 0):.3g}"
+                        f", max|ref| {rec.get('output_max', float('nan')):.3g})"
+                    )
+                out.append(f"{rec['model']} {key}: {r['error']}{extra}")
             elif "bn_left" in r and not r.get("verified"):
                 out.append(f"{rec['model']} {key}: not verified (max|Δ| {r.get('max_abs', 'n/a')})")
     return out
@@ -656,8 +670,10 @@ def main() -> None:
             records.append(json.loads(path.read_text()))
     print(header())
     print(
-        "cells: BN left after the tool (✗: the result did not verify, 'fail': the tool "
-        "failed); totals count a failed or unverified fold as removing nothing\n"
+        "cells: BN left after the tool (✗: the result did not verify here; '(exit 1)': "
+        "bncheck's own verification refused it, and the count is of an unverified fold; "
+        "'fail': the tool failed); totals count a failed, refused or unverified fold as "
+        "removing nothing\n"
     )
     print(table([r for r in records if "results" in r]))
     print()
