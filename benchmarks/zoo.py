@@ -82,7 +82,7 @@ ZOO: dict[str, tuple[str, str, tuple[int, ...], dict[str, Any]]] = {
     "resnext50_32x4d": ("tv", "resnext50_32x4d", (1, 3, 64, 64), {}),
     "res2net50_26w_4s": ("timm", "res2net50_26w_4s", (1, 3, 64, 64), {}),
     "hrnet_w18_small": ("timm", "hrnet_w18_small", (1, 3, 64, 64), {}),
-    "efficientformer_l1": ("timm", "efficientformer_l1", (1, 3, 64, 64), {"img_size": 64}),
+    "efficientformer_l1": ("timm", "efficientformer_l1", (1, 3, 224, 224), {}),
     "googlenet": ("tv", "googlenet", (1, 3, 64, 64), {"aux_logits": False, "init_weights": True}),
     "inception_v3": ("timm", "inception_v3", (1, 3, 96, 96), {}),
     "densenet121": ("tv", "densenet121", (1, 3, 64, 64), {}),
@@ -585,7 +585,8 @@ def failures(records: list[dict[str, Any]]) -> list[str]:
                     )
                 out.append(f"{rec['model']} {key}: {r['error']}{extra}")
             elif "bn_left" in r and not r.get("verified"):
-                out.append(f"{rec['model']} {key}: not verified (max|Δ| {r.get('max_abs', 'n/a')})")
+                why = r.get("verify_error") or f"max|Δ| {r.get('max_abs', 'n/a')}"
+                out.append(f"{rec['model']} {key}: not verified ({why[:200]})")
     return out
 
 
