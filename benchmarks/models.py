@@ -112,6 +112,36 @@ class MobileNetV2(nn.Module):
         return self.head(self.features(x))
 
 
+class VGG(nn.Module):
+    """VGG-11 with BN (Simonyan & Zisserman 2015; torchvision's ``vgg11_bn``): 132.9 M
+    parameters, 531 MB in float32, most of them in the 25088→4096 classifier."""
+
+    CFG = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
+
+    def __init__(self, norm=True, classes=1000):
+        super().__init__()
+        layers, cin = [], 3
+        for v in self.CFG:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2, 2))
+            else:
+                layers.append(conv_bn(cin, v, 3, norm=norm))
+                cin = v
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(7)
+        self.head = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(512 * 49, 4096),
+            nn.ReLU(inplace=True),
+            nn.Linear(4096, 4096),
+            nn.ReLU(inplace=True),
+            nn.Linear(4096, classes),
+        )
+
+    def forward(self, x):
+        return self.head(self.pool(self.features(x)))
+
+
 def resnet18(norm: bool = True) -> nn.Module:
     return ResNet(BasicBlock, (2, 2, 2, 2), norm)
 
@@ -122,6 +152,10 @@ def resnet50(norm: bool = True) -> nn.Module:
 
 def mobilenet_v2(norm: bool = True) -> nn.Module:
     return MobileNetV2(norm)
+
+
+def vgg11_bn(norm: bool = True) -> nn.Module:
+    return VGG(norm)
 
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:

@@ -44,9 +44,29 @@ def _modules_after(code: str) -> set[str]:
     return set(out.stdout.split())
 
 
-def test_help_does_not_import_torch():
-    mods = _modules_after(
-        "from bncheck.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass"
+@pytest.mark.parametrize("argv", [["--help"], ["--version"]])
+def test_help_and_version_import_no_machinery(argv: list[str]) -> None:
+    # Start-up stays at the interpreter's floor only if nothing heavy loads before a command
+    # runs: no framework, no numpy, not the api (whose bench module pulls in the backends).
+    code = f"from bncheck.cli import main\ntry:\n    main({argv!r})\nexcept SystemExit:\n    pass"
+    mods = _modules_after(code)
+    heavy = {"torch", "onnxruntime", "onnx", "numpy", "bncheck.api", "bncheck.bench"}
+    assert not heavy & mods, sorted(heavy & mods)
+    assert not [m for m in mods if m.startswith(("bncheck.api.", "bncheck.backends"))]
+
+
+def test_import_bncheck_is_lazy_but_complete() -> None:
+    mods = _modules_after("import bncheck")
+    assert not {"numpy", "bncheck.api"} & mods
+    # ...and every public name still resolves, loading only its own module
+    mods = _modules_after("import bncheck\nassert callable(bncheck.inspect)")
+    assert "bncheck.api._inspect" in mods and "bncheck.api._bench" not in mods
+    # every public name of bncheck and bncheck.api resolves to a real object
+    code = (
+        "import bncheck, bncheck.api\n"
+        "for mod in (bncheck, bncheck.api):\n"
+        "    for name in mod.__all__:\n"
+        "        assert getattr(mod, name) is not None, name\n"
+        "assert bncheck.fold is bncheck.api.fold\n"
     )
-    assert "torch" not in mods
-    assert "onnxruntime" not in mods
+    _modules_after(code)

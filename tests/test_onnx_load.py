@@ -194,3 +194,32 @@ def test_typed_data_disagreeing_with_dims(tmp_path):
     t = TensorProto(name="w", data_type=F32, dims=[16], float_data=[1.0, 2.0, 3.0])
     with pytest.raises(InputError, match=r"m\.onnx: invalid ONNX model \(.*float_data size"):
         open_onnx(write(tmp_path, add_model(t))).index.const("w")
+
+
+def test_checker_sees_large_initializers_as_stubs_and_still_catches_errors(tmp_path):
+    # The checker gets a view with large raw-data initializers reduced to one element (so it
+    # does not serialize every weight); the loaded model keeps them whole, and what the
+    # checker is for (graph structure, duplicate names) still fails the load.
+    from bncheck.backends.onnx.load import checker_view, load_model, serialized_size
+
+    big = np.linspace(-1, 1, 4096, dtype=np.float32)
+    m = add_model(numpy_helper.from_array(big[:16], "w"))
+    m.graph.initializer.append(numpy_helper.from_array(big, "unused_big"))
+    model, _ = load_model(write(tmp_path, m))
+    view = checker_view(model)
+    by_name = {t.name: t for t in view.graph.initializer}
+    assert list(by_name) == ["w", "unused_big"]
+    assert list(by_name["unused_big"].dims) == [1] and len(by_name["unused_big"].raw_data) == 4
+    assert by_name["w"] == model.graph.initializer[0]  # small tensors pass through whole
+    np.testing.assert_array_equal(numpy_helper.to_array(model.graph.initializer[1]), big)
+    assert view.graph.node == model.graph.node and view.opset_import == model.opset_import
+    # the save path's size estimate (no full encode) is the real size to within a few bytes
+    assert abs(serialized_size(model) - model.ByteSize()) <= 8
+
+    m.graph.node[0].input[1] = "undefined_tensor"
+    with pytest.raises(InputError, match=r"invalid ONNX model \(.*undefined_tensor"):
+        open_onnx(write(tmp_path, m))
+    m.graph.node[0].input[1] = "w"
+    m.graph.initializer.append(numpy_helper.from_array(big, "unused_big"))  # a duplicate name
+    with pytest.raises(InputError, match=r"invalid ONNX model \(.*unused_big"):
+        open_onnx(write(tmp_path, m))

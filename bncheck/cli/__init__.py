@@ -6,23 +6,26 @@ one exits 1, which CI reads as "findings": an internal error must be 2.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
 
 from bncheck import __version__
-from bncheck.config import Config, load_config
 from bncheck.errors import BncheckError, ExitCode, InputError
-from bncheck.layers import Finding, Severity
+
+# Only what --help and --version need is imported at start-up; the config reader, numpy (via
+# layers), rich's console and each command's machinery load when a command runs.
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from bncheck.config import Config
+    from bncheck.layers import Finding
 
 app = typer.Typer(
     name="bncheck",
@@ -254,6 +257,8 @@ def common(
     """The shared options, merged: command line > ``[tool.bncheck]`` > defaults. With
     ``model``, an ``arch`` table in the pyproject (``{"glob" = "factory"}``) gives that model's
     factory (first match); commands over several models resolve it per model instead."""
+    from bncheck.config import load_config
+
     cfg = load_config()
     for w in cfg.warnings:
         print(f"bncheck: warning: {w}", file=sys.stderr)
@@ -293,6 +298,8 @@ def common(
 
 def json_object(text: str | None, option: str) -> dict[str, Any] | None:
     """``text`` parsed as a JSON object (keyword arguments), None when not given."""
+    import json
+
     if not text:
         return None
     try:
@@ -348,6 +355,8 @@ def exit_code_for(findings: list[Finding], fail_on: str) -> int:
     """0 when nothing reaches --fail-on, 1 otherwise (ruff's convention)."""
     if fail_on == "never":
         return ExitCode.OK
+    from bncheck.layers import Severity
+
     threshold = Severity(fail_on).rank
     hit = any(f.severity.rank >= threshold for f in findings)
     return ExitCode.FINDINGS if hit else ExitCode.OK
@@ -355,6 +364,8 @@ def exit_code_for(findings: list[Finding], fail_on: str) -> int:
 
 def console() -> Console:
     # Off a terminal (CI logs, pipes) rich would wrap at 80 columns; 120 keeps a row a line.
+    from rich.console import Console
+
     width = None if sys.stdout.isatty() else int(os.environ.get("COLUMNS", "120"))
     return Console(highlight=False, soft_wrap=False, width=width)
 
@@ -440,6 +451,8 @@ from bncheck.cli import (  # noqa: E402, F401
 def internal_error(exc: Exception, verbose: bool) -> ExitCode:
     """The last line of defence (see the module docstring): one line, exit 2, never 1."""
     if verbose:
+        import traceback
+
         traceback.print_exc()
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     print(
@@ -448,6 +461,20 @@ def internal_error(exc: Exception, verbose: bool) -> ExitCode:
         file=sys.stderr,
     )
     return ExitCode.ERROR
+
+
+def _from_interrupt(exc: BaseException) -> bool:
+    """Whether ``exc`` was caused by Ctrl-C: a KeyboardInterrupt inside a compiled module's
+    import (commands import torch and onnxruntime when they start) surfaces as
+    ``ImportError: initialization failed`` raised from it."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -477,12 +504,15 @@ def main(argv: list[str] | None = None) -> None:
         print(f"bncheck: error: {exc.format_message()}", file=sys.stderr)
         code = ExitCode.ERROR
     except Exception as exc:
-        if was_interrupted():  # Ctrl-C that surfaced as another error (an import it cut short)
+        # Ctrl-C that surfaced as another error: an import it cut short
+        if was_interrupted() or _from_interrupt(exc):
             print("bncheck: interrupted", file=sys.stderr)
             code = ExitCode.INTERRUPTED
             interrupted_said = True
         elif isinstance(exc, BncheckError):
             if verbose:
+                import traceback
+
                 traceback.print_exc()
             print(f"bncheck: error: {exc}", file=sys.stderr)
             code = exc.exit_code

@@ -9,7 +9,7 @@ import pickle
 import numpy as np
 import onnx
 import pytest
-from conftest import assert_clean_error, tiny_onnx_model
+from conftest import SAMPLES, assert_clean_error, tiny_onnx_model
 
 
 class Payload:
@@ -142,3 +142,22 @@ def test_trust_pickle_in_pyproject_is_ignored(run_cli, tmp_path, monkeypatch):
     assert "ignoring 'trust-pickle'" in result.err
     assert not marker.exists()
     assert not os.listdir(tmp_path) or set(os.listdir(tmp_path)) == {"pyproject.toml", "model.pt"}
+
+
+def test_ctrl_c_inside_an_extension_import_is_an_interrupt(monkeypatch, capsys):
+    # Commands import torch/onnxruntime when they start; Ctrl-C during a compiled module's
+    # init surfaces as ImportError("initialization failed") raised from the KeyboardInterrupt.
+    from bncheck import api
+    from bncheck.cli import main
+
+    def interrupted_import(*args, **kwargs):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as exc:
+            raise ImportError("initialization failed") from exc
+
+    monkeypatch.setattr(api, "inspect", interrupted_import)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["inspect", str(SAMPLES / "resnet.onnx")])
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err == "bncheck: interrupted\n"

@@ -7,6 +7,7 @@ Each BN follows its :class:`~bncheck.backends.onnx.fold_plan.FoldPlan` (the same
   Mul/Add chain between them: the chain and the BN are one affine ``a·z + b`` per channel,
   ``W' = a·W`` along the output channels and ``b' = a·bias + b``;
 - into the single consumer (Conv, ConvTranspose, Gemm, MatMul) when that is exact;
+- after a channel Concat, slice by slice into the Concat's producers (``fold_concat.py``);
 - with ``affine``, a BN that cannot fold becomes ``Mul(s) → Add(t)``.
 
 A standalone per-channel ``Mul``/``Add`` right after a Conv/ConvTranspose/Gemm (the decomposed
@@ -24,6 +25,7 @@ import numpy as np
 import onnx
 from onnx import ModelProto, NodeProto, helper
 
+from bncheck.backends.onnx.fold_concat import fold_concat
 from bncheck.backends.onnx.fold_plan import (
     BNFacts,
     FoldPlan,
@@ -154,6 +156,11 @@ def _fold_producer(rw: Rewrite, plan: FoldPlan) -> str | None:
     if prod.op_type == "MatMul":
         rw.matmul_bias.add(p)
     return None
+
+
+def _fold_through_concat(rw: Rewrite, plan: FoldPlan) -> str | None:
+    st = _bn_affine(plan.facts)
+    return st if isinstance(st, str) else fold_concat(rw, plan.facts, plan.concat, st)
 
 
 def _fold_consumer(rw: Rewrite, plan: FoldPlan) -> str | None:
@@ -305,7 +312,9 @@ def fold_model(index: GraphIndex, *, affine: bool = False) -> tuple[ModelProto, 
             if problem:  # a broken file, not a BN that cannot fold: say so, write nothing
                 raise InputError(f"{index.source}: {problem}")
         name, d = node_label(node), plan.decision
-        if d.into == "producer":
+        if d.into == "producer" and plan.concat is not None:
+            problem = _fold_through_concat(rw, plan)
+        elif d.into == "producer":
             problem = _fold_producer(rw, plan)
         elif d.into == "consumer":
             problem = _fold_consumer(rw, plan)

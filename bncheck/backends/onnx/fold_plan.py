@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from onnx import NodeProto
@@ -135,6 +136,7 @@ class FoldPlan:
     # a fold_layout.LayoutFold or reparam.BranchMerge: a producer fold it carries out itself
     via: object = dataclasses.field(default=None, kw_only=True)
     source: NodeProto | None = None  # the node directly producing the BN input
+    concat: Any = None  # a fold_concat.ConcatFold when the BN folds through a channel Concat
 
 
 def per_channel(shape: tuple[int, ...], rank: int | None, channels: int) -> bool:
@@ -361,6 +363,14 @@ def fold_plan(index: GraphIndex, bn: NodeProto, facts: BNFacts | None = None) ->
             return FoldPlan(decision, bn, facts, prod, chain, None, immediate)
     elif problem:
         p_reason = problem
+    elif immediate is not None and immediate.op_type == "Concat":
+        from bncheck.backends.onnx.fold_concat import concat_fold  # it imports this module
+
+        via = concat_fold(index, facts)
+        if not isinstance(via, str):
+            decision = FoldDecision("producer", via.target)
+            return FoldPlan(decision, bn, facts, None, (), None, immediate, concat=via)
+        p_reason = f"no producer with weights (input comes from {_desc(immediate)}: {via})"
     elif immediate is not None:
         p_reason = f"no producer with weights (input comes from {_desc(immediate)})"
     elif facts.x in index.graph_inputs:

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import onnx
+from google.protobuf.message import Message
 from onnx import AttributeProto, GraphProto, ModelProto, TensorProto
 
 from bncheck.backends.onnx.graph import (
@@ -26,7 +27,14 @@ from bncheck.backends.onnx.graph import (
 )
 from bncheck.errors import InputError, first_line
 
-__all__ = ["MAX_ELEMENTS", "MAX_PROTO_BYTES", "iter_tensors", "load_model"]
+__all__ = [
+    "MAX_ELEMENTS",
+    "MAX_PROTO_BYTES",
+    "checker_view",
+    "iter_tensors",
+    "load_model",
+    "serialized_size",
+]
 
 #: Largest element count bncheck accepts for one declared tensor (or ConstantOfShape output).
 MAX_ELEMENTS = 2**31
@@ -271,6 +279,76 @@ def _check_constant_of_shape(model: ModelProto, path: Path) -> None:
                 )
 
 
+# A top-level initializer above this many bytes reaches the checker as a one-element stub.
+_STUB_ABOVE_BYTES = 4096
+_TYPED_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "double_data",
+                 "uint64_data", "external_data")  # fmt: skip
+
+
+def _copy_fields(src: Message, dst: Message, skip: str) -> None:
+    for fd, value in src.ListFields():
+        if fd.name == skip:
+            continue
+        if fd.is_repeated:
+            getattr(dst, fd.name).extend(value)
+        elif fd.message_type is not None:
+            getattr(dst, fd.name).CopyFrom(value)
+        else:
+            setattr(dst, fd.name, value)
+
+
+def _stub_bytes(t: TensorProto) -> int | None:
+    """Bytes of one element when ``t`` holds only raw data larger than the stub limit (read
+    from its dims and type: touching ``raw_data`` would copy the whole buffer)."""
+    if (
+        t.data_type in _PACKED_BITS
+        or not t.HasField("raw_data")
+        or t.data_location != TensorProto.DEFAULT
+        or t.HasField("segment")
+        or any(len(getattr(t, f)) for f in _TYPED_FIELDS)
+    ):
+        return None
+    itemsize = _element_bytes(t, 1)
+    if not itemsize or itemsize * tensor_element_count(t) <= _STUB_ABOVE_BYTES:
+        return None
+    return itemsize
+
+
+def checker_view(model: ModelProto) -> ModelProto:
+    """``model`` for ``onnx.checker``, with each large top-level initializer replaced by a
+    one-element tensor of the same name and type.
+
+    The checker serializes the whole model (a full copy of every weight, plus onnx's size
+    check: most of the time ``inspect`` took on a 100 MB model) but, of a plain raw-data
+    tensor, only checks that its bytes match its dims — which ``_check_tensor`` has already
+    checked for every tensor. Everything else it checks (nodes, names, types, opsets,
+    functions, subgraphs) is kept."""
+    view = ModelProto()
+    _copy_fields(model, view, skip="graph")
+    _copy_fields(model.graph, view.graph, skip="initializer")
+    for t in model.graph.initializer:
+        itemsize = _stub_bytes(t)
+        if itemsize is None:
+            view.graph.initializer.append(t)
+            continue
+        stub = view.graph.initializer.add()
+        stub.name, stub.data_type = t.name, t.data_type
+        stub.dims.append(1)
+        stub.raw_data = bytes(itemsize)
+    return view
+
+
+def serialized_size(model: ModelProto) -> int:
+    """``model.ByteSize()`` to within a few bytes per tensor, without encoding every weight
+    (protobuf's ByteSize serializes the whole message: seconds for a 500 MB model): the
+    checker view's size plus the declared bytes of the tensors it stubs."""
+    size = checker_view(model).ByteSize()
+    for t in model.graph.initializer:
+        if _stub_bytes(t) is not None:
+            size += _element_bytes(t, tensor_element_count(t)) or 0
+    return size
+
+
 def load_model(path: Path) -> tuple[ModelProto, bool]:
     """Parse, validate and fully load the ONNX model at ``path``.
 
@@ -319,9 +397,10 @@ def load_model(path: Path) -> tuple[ModelProto, bool]:
     _check_constant_of_shape(model, path)
 
     try:
-        if model.ByteSize() < MAX_PROTO_BYTES:
-            onnx.checker.check_model(model)
-        else:  # too large to serialize in memory: let the checker read the file itself
+        view = checker_view(model)
+        if view.ByteSize() < MAX_PROTO_BYTES:
+            onnx.checker.check_model(view)
+        else:  # a graph too large to serialize in memory: let the checker read the file
             onnx.checker.check_model(str(path))
     except (onnx.checker.ValidationError, ValueError, RuntimeError) as exc:
         raise InputError(f"{path}: invalid ONNX model ({first_line(exc)})") from None

@@ -185,13 +185,14 @@ def _drop_orphans(g: GraphProto, reads_before: Counter[str], names_before: set[s
         del g.node[:]
         g.node.extend(keep)
     graph_inputs = {i.name for i in g.input}
-    kept = [
-        t
-        for t in g.initializer
-        if reads[t.name] or not reads_before[t.name] or t.name in graph_inputs
+    dropped = [
+        i
+        for i, t in enumerate(g.initializer)
+        if not (reads[t.name] or not reads_before[t.name] or t.name in graph_inputs)
     ]
-    del g.initializer[:]
-    g.initializer.extend(kept)
+    # Deleted in place, from the back: rebuilding the list would copy every weight.
+    for i in reversed(dropped):
+        del g.initializer[i]
     now = {o for n in g.node for o in n.output} | {t.name for t in g.initializer} | graph_inputs
     vi = [v for v in g.value_info if v.name in now or v.name not in names_before]
     del g.value_info[:]

@@ -13,7 +13,7 @@ import onnx
 from onnx import ModelProto, TensorProto
 
 from bncheck.atomic import as_new_file, temp_beside
-from bncheck.backends.onnx.load import iter_tensors
+from bncheck.backends.onnx.load import iter_tensors, serialized_size
 from bncheck.errors import InputError, one_line
 
 __all__ = ["EXTERNAL_DATA_THRESHOLD", "make_session", "ort_message", "save_onnx"]
@@ -154,8 +154,15 @@ def save_onnx(model: ModelProto, path: Path, *, external_data: bool | None = Non
     if any(t.data_location == TensorProto.EXTERNAL for t in iter_tensors(model)):
         raise ValueError("save_onnx needs a model whose external data is loaded in memory")
     if external_data is None:
-        external_data = model.ByteSize() > EXTERNAL_DATA_THRESHOLD
-    previous = _external_locations(path) if path.exists() else set()
+        size = serialized_size(model)
+        if abs(size - EXTERNAL_DATA_THRESHOLD) < 1 << 20:  # too close to call: the exact size
+            size = model.ByteSize()
+        external_data = size > EXTERNAL_DATA_THRESHOLD
+    # Parsing the replaced output (a full read when it holds its weights) is only worth it
+    # when a data file of ours could be among its references.
+    ours = re.compile(rf"^{re.escape(path.stem)}\.[0-9a-f]{{8}}\.data$")
+    candidates = path.exists() and any(ours.match(p.name) for p in folder.iterdir())
+    previous = _external_locations(path) if candidates else set()
 
     fd, tmp = temp_beside(path, ".tmp")
     data: Path | None = None
@@ -195,7 +202,6 @@ def save_onnx(model: ModelProto, path: Path, *, external_data: bool | None = Non
         if isinstance(exc, OSError):
             raise InputError(f"{path}: cannot write ({exc.strerror or exc})") from None
         raise
-    pattern = re.compile(rf"^{re.escape(path.stem)}\.[0-9a-f]{{8}}\.data$")
     for loc in previous:
-        if pattern.match(loc) and (data is None or loc != data.name):
+        if ours.match(loc) and (data is None or loc != data.name):
             _unlink(folder / loc)
