@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import traceback
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -34,9 +33,7 @@ from bncheck.cli import (
     VerboseOpt,
     app,
     common,
-    console,
     data_spec,
-    emit,
     exit_code_for,
     progress_bar,
     render,
@@ -155,12 +152,7 @@ def _check_many(models: list[Path], opts: Common, options: dict[str, Any]) -> No
     """``check`` over several models on one dataset: a section per model, a total, and the
     worst exit code; a model that cannot be read or run is said at once and the rest go on."""
     from bncheck import api
-    from bncheck.report import inspect_run as rep
-
-    def said(entry: api.ModelEntry) -> None:
-        if opts.verbose and entry.exception is not None:
-            traceback.print_exception(entry.exception)
-        print(f"bncheck: error: {entry.error}", file=sys.stderr)
+    from bncheck.cli._runs import render_run, say_error
 
     cfg = opts.config
     table = cfg.get("arch") if isinstance(cfg.get("arch"), dict) else None
@@ -171,19 +163,7 @@ def _check_many(models: list[Path], opts: Common, options: dict[str, Any]) -> No
         exclude=cfg.get("exclude", []),
         arch=arch,
         root=cfg.root,
-        on_error=said,
+        on_error=say_error(opts),
         **options,
     )
-    if not run.entries:
-        print("bncheck: warning: no model files found in the given paths", file=sys.stderr)
-    if opts.format == "json":
-        emit(rep.to_json(run, opts.fail_on))
-    elif opts.format == "github":
-        emit(rep.render_github(run))
-    elif opts.format == "markdown":
-        emit(rep.render_markdown(run))
-    else:
-        rep.render_text(
-            run, console(), verbose=opts.verbose, quiet=opts.quiet, show_info=bool(opts.select)
-        )
-    raise typer.Exit(rep.exit_code(run, opts.fail_on))
+    render_run(run, opts)

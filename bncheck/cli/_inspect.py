@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import traceback
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -127,12 +126,7 @@ def _inspect_many(
     exclude: list[str],
 ) -> NoReturn:
     from bncheck import api
-    from bncheck.report import inspect_run as rep
-
-    def said(entry: api.ModelEntry) -> None:
-        if opts.verbose and entry.exception is not None:
-            traceback.print_exception(entry.exception)
-        print(f"bncheck: error: {entry.error}", file=sys.stderr)
+    from bncheck.cli._runs import render_run, say_error
 
     open_options = dict(opts.open_options)
     arch = open_options.pop("arch") or table
@@ -144,32 +138,10 @@ def _inspect_many(
         exclude=exclude,
         arch=arch,
         root=opts.config.root,
-        on_error=said,
+        on_error=say_error(opts),
         **open_options,
     )
-    for p in run.excluded:
-        print(f"bncheck: note: {p}: left out by `exclude` in [tool.bncheck]", file=sys.stderr)
-    if not run.entries:
-        print("bncheck: warning: no model files found in the given paths", file=sys.stderr)
-    if opts.format == "json":
-        emit(rep.to_json(run, opts.fail_on))
-    elif opts.format == "sarif":
-        from bncheck.report.sarif import to_sarif
-
-        emit(to_sarif(run))
-    elif opts.format == "junit":
-        from bncheck.report.junit import to_junit
-
-        emit(to_junit(run, opts.fail_on))
-    elif opts.format == "github":
-        emit(rep.render_github(run))
-    elif opts.format == "markdown":
-        emit(rep.render_markdown(run))
-    else:
-        rep.render_text(
-            run, console(), verbose=opts.verbose, quiet=opts.quiet, show_info=bool(opts.select)
-        )
-    raise typer.Exit(rep.exit_code(run, opts.fail_on))
+    render_run(run, opts)
 
 
 def _doc_format(fmt: str) -> str:
