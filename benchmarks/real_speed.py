@@ -31,10 +31,19 @@ ROOT = HERE.parent
 PY = sys.executable
 
 
+# Linux counts a child's peak RSS from the parent's at fork (exec keeps the larger of the two
+# high-water marks), and this script holds torch and the built models: a child started from it
+# would report at least this process's size. GNU time is a small parent that reports its own
+# child's peak, so every row gets the command's own figure.
+GNU_TIME = "/usr/bin/time"
+
+
 def run(cmd: list[str], env: dict[str, str]) -> tuple[float, float, int]:
     """Wall seconds, peak RSS in MB and exit code of ``cmd`` as a fresh process."""
+    timed = os.access(GNU_TIME, os.X_OK)
+    full = [GNU_TIME, "-f", "peak-kb %M", *cmd] if timed else cmd
     t = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(full, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t
     err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
@@ -42,7 +51,11 @@ def run(cmd: list[str], env: dict[str, str]) -> tuple[float, float, int]:
     code = os.waitstatus_to_exitcode(status)
     if code not in (0, 1):
         raise RuntimeError(f"{' '.join(cmd)} exited {code}: {err.strip()[-500:]}")
-    return wall, usage.ru_maxrss / 1024, code
+    peak_kb = float(usage.ru_maxrss)
+    if timed:
+        lines = [x for x in err.splitlines() if x.startswith("peak-kb ")]
+        peak_kb = float(lines[-1].split()[1]) if lines else peak_kb
+    return wall, peak_kb / 1024, code
 
 
 def py(code: str) -> list[str]:
