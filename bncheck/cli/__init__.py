@@ -463,20 +463,6 @@ def internal_error(exc: Exception, verbose: bool) -> ExitCode:
     return ExitCode.ERROR
 
 
-def _from_interrupt(exc: BaseException) -> bool:
-    """Whether ``exc`` was caused by Ctrl-C: a KeyboardInterrupt inside a compiled module's
-    import (commands import torch and onnxruntime when they start) surfaces as
-    ``ImportError: initialization failed`` raised from it."""
-    seen: set[int] = set()
-    e: BaseException | None = exc
-    while e is not None and id(e) not in seen:
-        if isinstance(e, KeyboardInterrupt):
-            return True
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
-    return False
-
-
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI and exit with 0 / 1 / 2 / 130; never let an exception pick the code."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -504,8 +490,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"bncheck: error: {exc.format_message()}", file=sys.stderr)
         code = ExitCode.ERROR
     except Exception as exc:
-        # Ctrl-C that surfaced as another error: an import it cut short
-        if was_interrupted() or _from_interrupt(exc):
+        # Ctrl-C that surfaced as another error: an import it cut short (the SIGINT handler
+        # recorded it, whether or not the error chains the KeyboardInterrupt)
+        if was_interrupted():
             print("bncheck: interrupted", file=sys.stderr)
             code = ExitCode.INTERRUPTED
             interrupted_said = True

@@ -146,13 +146,16 @@ def test_trust_pickle_in_pyproject_is_ignored(run_cli, tmp_path, monkeypatch):
 
 def test_ctrl_c_inside_an_extension_import_is_an_interrupt(monkeypatch, capsys):
     # Commands import torch/onnxruntime when they start; Ctrl-C during a compiled module's
-    # init surfaces as ImportError("initialization failed") raised from the KeyboardInterrupt.
-    from bncheck import api
+    # init surfaces as ImportError("initialization failed") raised from the KeyboardInterrupt
+    # that bncheck's SIGINT handler raised (and recorded).
+    import signal
+
+    from bncheck import api, interrupt
     from bncheck.cli import main
 
     def interrupted_import(*args, **kwargs):
         try:
-            raise KeyboardInterrupt
+            interrupt._handler(signal.SIGINT, None)  # what Ctrl-C runs: record, then raise
         except KeyboardInterrupt as exc:
             raise ImportError("initialization failed") from exc
 
