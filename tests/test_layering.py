@@ -55,6 +55,20 @@ def test_help_and_version_import_no_machinery(argv: list[str]) -> None:
     assert not [m for m in mods if m.startswith(("bncheck.api.", "bncheck.backends"))]
 
 
+def test_a_command_parses_its_options_without_pydantic() -> None:
+    # typer 0.29 coerces every parameter through pydantic (~0.3 s a run on 2 cores); the
+    # pin in pyproject.toml keeps a version that does not. This fails if that pin is lost.
+    sample = ROOT / "sample_models" / "resnet.onnx"
+    code = (
+        "from bncheck.cli import main\ntry:\n"
+        f"    main(['inspect', {str(sample)!r}, '-q', '--fail-on', 'never'])\n"
+        "except SystemExit as e:\n    assert e.code == 0, e.code"
+    )
+    mods = _modules_after(code)
+    assert "bncheck.api._inspect" in mods  # the command did run
+    assert not [m for m in mods if m.split(".")[0] in {"pydantic", "pydantic_core"}]
+
+
 def test_import_bncheck_is_lazy_but_complete() -> None:
     mods = _modules_after("import bncheck")
     assert not {"numpy", "bncheck.api"} & mods
