@@ -35,6 +35,7 @@ import numpy as np
 
 from bncheck.backends.torch.attrs import delete, fresh_name, get, is_param, read_counts, store
 from bncheck.backends.torch.discover import eager_pairs, layer_calls
+from bncheck.backends.torch.fold_beyond import plan_of
 from bncheck.backends.torch.graph import BNCall, GraphView, op_args, packet
 from bncheck.layers import BNLayer, FoldStep
 from bncheck.numerics import bn_scale_shift, cast_checked, fold_into_consumer, fold_into_producer
@@ -124,6 +125,21 @@ def _rewrite_weights(gm: Any, node: Any, w64: np.ndarray, b64: np.ndarray) -> No
         _set_arg(node, arg, new_node)
 
 
+def fold_producer(gm: Any, parts: list[tuple[Any, np.ndarray, np.ndarray]]) -> None:
+    """Fold ``s·z + t`` into the output channels of each producer node of ``parts``
+    (``(node, s, t)`` each), all or nothing: ``_Skip`` before any change when one does not fit."""
+    staged = []
+    for prod, s, t in parts:
+        op, groups = _kind(prod)
+        w, b = (get(gm, n.target) if n is not None else None for n in _weights(gm, prod))
+        w2, b2 = fold_into_producer(_f64(w), _f64(b), s, t, op=op, groups=groups)
+        _to_torch(w2, w.dtype, "weights")  # the overflow checks, before anything changes
+        _to_torch(b2, (b if b is not None else w).dtype, "bias")
+        staged.append((prod, w2, b2))
+    for prod, w2, b2 in staged:
+        _rewrite_weights(gm, prod, w2, b2)
+
+
 def _set_arg(node: Any, name: str, value: Any) -> None:
     """Set argument ``name`` (by schema) of an aten op node, positionally where it can be."""
     idx = [a.name for a in node.target._schema.arguments].index(name)
@@ -156,12 +172,8 @@ def _fold(gm: Any, layer: BNLayer, call: BNCall) -> None:
         raise _Skip("BN input or output not found in the graph")
     s, t = _scale_shift(layer)
     if layer.fold.into == "producer":
-        prod = call.input
-        op, groups = _kind(prod)
-        w, b = (get(gm, n.target) if n is not None else None for n in _weights(gm, prod))
-        w2, b2 = fold_into_producer(_f64(w), _f64(b), s, t, op=op, groups=groups)
-        _rewrite_weights(gm, prod, w2, b2)
-        call.output.replace_all_uses_with(prod)
+        fold_producer(gm, [(call.input, s, t)])
+        call.output.replace_all_uses_with(call.input)
     else:
         users = [u for u in call.output.users if u not in call.region]
         if len(users) != 1:
@@ -254,7 +266,13 @@ def fold_graph(handle: Any, *, affine: bool = False) -> tuple[Any, list[FoldStep
             continue
         if layer.fold.into is not None:
             try:
-                _fold(gm, layer, local[0])
+                via = plan_of(view, calls[layer.name][0], layer.fold.into, layer.channels)
+                if via is None:
+                    _fold(gm, layer, local[0])
+                elif local[0].output is None:
+                    raise _Skip("BN output not found in the graph")
+                else:  # through layout ops or a cat; summed branches merge below
+                    via.execute(gm, nodes, local[0], _scale_shift(layer))
                 steps.append(FoldStep(layer.name, layer.fold.into, layer.fold.target))
                 removed.append(layer.name)
                 continue

@@ -1,0 +1,161 @@
+"""PyTorch folds beyond a neighbour, on ``.pt2`` files: through channel-preserving layout ops
+(LeViT), through a channel cat (MixNet) and by merging summed branches (RepVGG, MobileOne,
+FastViT's RepMixer); and the shapes that must stay (a second reader, a moved channel axis).
+
+Each model is built here, its BN statistics and γ/β randomized, exported with a dynamic batch,
+folded, compared with the unfolded program (fp32: |Δ| ≤ 1e-5 + 1e-4·max|ref|; the fold is exact
+in float64, float32 rounding of the rewritten weights remains), written, reopened and inspected.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from fold_fixtures import unlimited_verification_time  # noqa: F401  (a fixture)
+from test_torch_fold import randomize
+from torch import nn
+
+import bncheck
+
+pytestmark = pytest.mark.usefixtures("unlimited_verification_time")
+
+
+def folded_pt2(tmp_path, model: nn.Module, shape: tuple[int, ...], bn_left: int):
+    """Export ``model`` (dynamic batch), fold it, check values, the written file and that
+    ``inspect`` decided what ``fold`` did; returns (handle, steps)."""
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(3))
+    batch = torch.export.Dim("batch", min=1, max=64)
+    ep = torch.export.export(randomize(model), (x,), dynamic_shapes=({0: batch},), strict=False)
+    torch.export.save(ep, str(tmp_path / "m.pt2"))
+    handle = bncheck.open_model(tmp_path / "m.pt2")
+    folded, steps = handle.folded()
+    decided = {la.name: (la.fold.into, la.fold.target) for la in handle.info().bn_layers}
+    assert decided == {s.layer: (s.into, s.target) for s in steps}, steps  # inspect agrees
+    assert len(folded.info().bn_layers) == bn_left, steps
+    feeds = {"x": np.random.default_rng(0).normal(size=(5, *shape[1:])).astype(np.float32)}
+    with torch.no_grad():
+        ref = model(torch.from_numpy(feeds["x"])).numpy().astype(np.float64)
+    folded.save(tmp_path / "f.pt2")
+    reopened = bncheck.open_model(tmp_path / "f.pt2")
+    for got in (folded.run(feeds)[0], reopened.run(feeds)[0]):
+        err = float(np.abs(np.asarray(got, np.float64) - ref).max())
+        assert err <= 1e-5 + 1e-4 * float(np.abs(ref).max()), err
+    assert len(reopened.info().bn_layers) == bn_left
+    return handle, steps
+
+
+def by_layer(steps):
+    return {s.layer: s for s in steps}
+
+
+# ------------------------------------------------------------------------ through layout ops
+
+
+class LinearNorm(nn.Module):
+    """LeViT's ``Linear → flatten(0, 1) → BatchNorm1d → reshape_as`` on (B, N, C) tokens."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.linear, self.bn = nn.Linear(cin, cout), nn.BatchNorm1d(cout)
+
+    def forward(self, x):
+        x = self.linear(x)
+        return self.bn(x.flatten(0, 1)).reshape_as(x)
+
+
+class LeViTish(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.qkv = LinearNorm(8, 12)
+        self.proj = LinearNorm(12, 8)
+        self.bn_t = nn.BatchNorm1d(8)  # conv → flatten(2) → transpose → transpose back → BN
+        self.mlp = nn.Linear(8, 6, bias=False)
+        self.bn_p = nn.BatchNorm1d(6)  # bias-free Linear on tokens → permute → BN on (B, C, N)
+
+    def forward(self, x):
+        t = self.conv(x).flatten(2)  # (B, 8, N)
+        y = self.bn_t(t.transpose(1, 2).transpose(1, 2))
+        t = torch.relu(self.qkv(y.transpose(1, 2)))  # (B, N, 12)
+        t = self.proj(t) + y.transpose(1, 2)
+        return self.bn_p(self.mlp(t).permute(0, 2, 1))
+
+
+def test_bn_behind_layout_ops_folds_into_the_producer(tmp_path):
+    _, steps = folded_pt2(tmp_path, LeViTish(), (2, 3, 8, 8), bn_left=0)
+    s = by_layer(steps)
+    assert s["qkv.bn"].target == "qkv.linear (through flatten 'flatten_1')"
+    assert s["bn_p"].into == "producer" and s["bn_p"].target.startswith("mlp (through permute")
+    assert s["bn_t"].target.startswith("conv (through flatten 'flatten', transpose")
+
+
+class MovedAxis(nn.Module):
+    """The permute makes the BN normalize the conv's H axis, not its channels: it stays."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 6, 1), nn.BatchNorm2d(6)
+
+    def forward(self, x):
+        return self.bn(self.conv(x).permute(0, 2, 1, 3))
+
+
+class SecondReader(nn.Module):
+    """The flattened Linear output is also added to the result: the fold would change it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear, self.bn = nn.Linear(5, 5), nn.BatchNorm1d(5)
+
+    def forward(self, x):
+        z = self.linear(x).flatten(0, 1)
+        return self.bn(z) + z
+
+
+def test_layout_fold_refuses_a_moved_axis_and_a_second_reader(tmp_path):
+    _, steps = folded_pt2(tmp_path, MovedAxis(), (2, 4, 6, 5), bn_left=1)
+    assert steps[0].into is None
+    assert "feature axis of 'conv' reaches the BN as axis 2, not 1" in steps[0].reason
+    _, steps = folded_pt2(tmp_path, SecondReader(), (2, 3, 5), bn_left=1)
+    assert steps[0].into is None and "also feeds" in steps[0].reason, steps
+
+
+# --------------------------------------------------------------------------- through a cat
+
+
+class MixedConv(nn.Module):
+    """MixNet: split the channels, a depthwise conv of its own size per slice, cat, BN."""
+
+    def __init__(self, c: int = 9, share: bool = False) -> None:
+        super().__init__()
+        self.splits = [3, 3, 3]
+        self.convs = nn.ModuleList(
+            nn.Conv2d(3, 3, k, padding=k // 2, groups=3, bias=k == 5) for k in (3, 5, 7)
+        )
+        self.bn, self.share = nn.BatchNorm2d(c), share
+
+    def forward(self, x):
+        parts = [conv(p) for conv, p in zip(self.convs, x.split(self.splits, 1), strict=True)]
+        y = torch.relu(self.bn(torch.cat(parts, 1)))
+        return y + parts[0].mean() if self.share else y
+
+
+def test_bn_after_cat_splits_into_each_producer(tmp_path):
+    handle, steps = folded_pt2(tmp_path, MixedConv(), (2, 9, 7, 7), bn_left=0)
+    assert steps[0].target == "convs.0, convs.1, convs.2 (through cat 'cat')"
+    assert handle.info().bn_layers[0].fold.into == "producer"
+
+
+def test_cat_input_with_a_second_reader_stays(tmp_path):
+    _, steps = folded_pt2(tmp_path, MixedConv(share=True), (2, 9, 7, 7), bn_left=1)
+    assert steps[0].into is None
+    assert "cat input: producer 'convs.0' output also feeds" in steps[0].reason
+
+
+def test_cli_inspect_reports_the_cat_fold(tmp_path, run_cli):
+    folded_pt2(tmp_path, MixedConv(), (2, 9, 7, 7), bn_left=0)
+    result = run_cli("inspect", tmp_path / "m.pt2", "--format", "json")
+    assert result.code == 0, result
+    assert "through cat" in result.out
+    assert run_cli("inspect", tmp_path / "f.pt2").code == 0
