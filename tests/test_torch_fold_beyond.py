@@ -153,9 +153,134 @@ def test_cat_input_with_a_second_reader_stays(tmp_path):
     assert "cat input: producer 'convs.0' output also feeds" in steps[0].reason
 
 
-def test_cli_inspect_reports_the_cat_fold(tmp_path, run_cli):
-    folded_pt2(tmp_path, MixedConv(), (2, 9, 7, 7), bn_left=0)
+# ----------------------------------------------------------------- summed branches, merged
+
+
+def conv_bn(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)
+    )
+
+
+class RepVGGBlock(nn.Module):
+    """timm's RepVGG block: 3×3 + 1×1 conv-BN branches, an identity BN when shapes allow."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.identity = nn.BatchNorm2d(cin) if cin == cout and stride == 1 else None
+        self.conv_kxk, self.conv_1x1 = conv_bn(cin, cout, 3, stride), conv_bn(cin, cout, 1, stride)
+
+    def forward(self, x):
+        y = self.conv_1x1(x) + self.conv_kxk(x)
+        if self.identity is not None:
+            y += self.identity(x)  # in place, as timm writes it
+        return torch.relu(y)
+
+
+class MobileOneBlock(nn.Module):
+    """timm's MobileOne block: identity BN, a 1×1 scale branch, k depthwise k×k branches;
+    a missing branch is the literal 0 timm adds."""
+
+    def __init__(self, c: int, k: int = 3, branches: int = 2, scale: bool = True) -> None:
+        super().__init__()
+        self.identity = nn.BatchNorm2d(c)
+        self.conv_scale = conv_bn(c, c, 1, groups=c) if scale else None
+        self.conv_kxk = nn.ModuleList(conv_bn(c, c, k, groups=c) for _ in range(branches))
+
+    def forward(self, x):
+        out = (self.conv_scale(x) if self.conv_scale is not None else 0) + self.identity(x)
+        for conv in self.conv_kxk:
+            out += conv(x)
+        return out
+
+
+class RepMixer(nn.Module):
+    """FastViT: ``x + γ·(mixer(x) − norm(x))`` with MobileOne blocks and a layer scale."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.norm = MobileOneBlock(c, branches=0, scale=False)
+        self.mixer = MobileOneBlock(c, branches=1)
+        self.gamma = nn.Parameter(torch.rand(c, 1, 1) + 0.5)
+
+    def forward(self, x):
+        return x + self.gamma * (self.mixer(x) - self.norm(x))
+
+
+class Reps(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = RepVGGBlock(3, 8, stride=2)  # no identity: two convs merge, BNs fold
+        self.b1 = RepVGGBlock(8, 8)
+        self.mob = MobileOneBlock(8)
+        self.mix = RepMixer(8)
+
+    def forward(self, x):
+        return torch.relu(self.mix(torch.relu(self.mob(self.b1(self.stem(x))))))
+
+
+def conv_count(handle) -> int:
+    return sum("conv2d" in str(n.target) for n in handle.exported.graph.nodes)
+
+
+def test_summed_branches_merge_into_one_conv(tmp_path):
+    handle, steps = folded_pt2(tmp_path, Reps(), (2, 3, 9, 9), bn_left=0)
+    folded, _ = handle.folded()
+    assert (conv_count(handle), conv_count(folded)) == (9, 4)  # one conv per block
+    s = by_layer(steps)
+    assert s["b1.identity"].into == "producer"
+    assert s["b1.identity"].target.startswith("b1.conv_kxk.0 (branches merged at add_ '")
+    assert s["mix.norm.identity"].target.startswith("mix.mixer.conv_kxk.0.0 (branches merged")
+    assert s["b1.conv_1x1.1"].target == "b1.conv_1x1.0"  # branch BNs: plain producer folds
+
+
+class SharedBranch(nn.Module):
+    """The 1×1 branch is also read outside the sum: nothing merges, the identity BN stays."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = RepVGGBlock(6, 6)
+
+    def forward(self, x):
+        b = self.block
+        one = b.conv_1x1(x)
+        return torch.relu(one + b.conv_kxk(x) + b.identity(x)) * one.mean()
+
+
+class StridedIdentity(nn.Module):
+    """A stride-2 sum with a BN of the input: no identity kernel exists, the BN stays."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = conv_bn(6, 6, 3, stride=2), nn.BatchNorm2d(6)
+
+    def forward(self, x):
+        return self.conv(x) + self.bn(x)[:, :, ::2, ::2]
+
+
+def test_branches_that_do_not_merge_keep_their_bn(tmp_path):
+    handle, steps = folded_pt2(tmp_path, SharedBranch(), (2, 6, 7, 7), bn_left=1)
+    s = by_layer(steps)["block.identity"]
+    assert s.into is None and "no branch merge: branch output 'batch_norm' is also read" in s.reason
+    folded, _ = handle.folded()
+    assert conv_count(folded) == 2
+    _, steps = folded_pt2(tmp_path, StridedIdentity(), (2, 6, 8, 8), bn_left=1)
+    assert by_layer(steps)["bn"].into is None
+
+
+@pytest.mark.parametrize(
+    "model, shape, needle",
+    [
+        (LeViTish, (2, 3, 8, 8), "qkv.linear (through flatten"),
+        (MixedConv, (2, 9, 7, 7), "through cat"),
+        (Reps, (2, 3, 9, 9), "branches merged at"),
+    ],
+)
+def test_cli_inspect_reports_the_decision_and_reads_the_folded_file(
+    tmp_path, run_cli, model, shape, needle
+):
+    folded_pt2(tmp_path, model(), shape, bn_left=0)
     result = run_cli("inspect", tmp_path / "m.pt2", "--format", "json")
     assert result.code == 0, result
-    assert "through cat" in result.out
+    assert needle in result.out
     assert run_cli("inspect", tmp_path / "f.pt2").code == 0

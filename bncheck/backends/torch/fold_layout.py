@@ -23,7 +23,7 @@ from typing import Any
 from bncheck.backends.torch.graph import BNCall, GraphView, op_args, out_channels, packet
 from bncheck.numerics.layout import axis_through_reshape, axis_through_transpose
 
-__all__ = ["LAYOUT_OPS", "LayoutPlan", "dims", "layout_plan", "value_readers"]
+__all__ = ["LAYOUT_OPS", "LayoutPlan", "dims", "layout_plan", "shape_only", "value_readers"]
 
 _RESHAPES = {"flatten", "reshape", "view", "_unsafe_view", "reshape_as", "view_as", "squeeze",
              "unsqueeze"}  # fmt: skip
@@ -42,7 +42,7 @@ def dims(node: Any) -> tuple[int | str, ...] | None:
     return tuple(d if isinstance(d, int) else str(d) for d in val.shape)
 
 
-def _shape_only(user: Any, node: Any) -> bool:
+def shape_only(user: Any, node: Any) -> bool:
     name = packet(user)
     if name in _SHAPE_ONLY:
         return True
@@ -53,7 +53,7 @@ def value_readers(view: GraphView, node: Any, besides: set[Any]) -> list[str]:
     """Names of what reads ``node``'s values other than ``besides`` (the model output too);
     readers of its shape alone do not count."""
     names = [
-        view.neighbour(u).name for u in node.users if u not in besides and not _shape_only(u, node)
+        view.neighbour(u).name for u in node.users if u not in besides and not shape_only(u, node)
     ]
     return [*names, "output"] if node in view.outputs else names
 
