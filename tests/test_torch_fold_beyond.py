@@ -121,6 +121,22 @@ def test_layout_fold_refuses_a_moved_axis_and_a_second_reader(tmp_path):
     assert steps[0].into is None and "also feeds" in steps[0].reason, steps
 
 
+class NormLinear(nn.Module):
+    """LeViT's head: token mean → BatchNorm1d → Dropout → Linear; the BN has no producer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn, self.drop, self.linear = nn.BatchNorm1d(6), nn.Dropout(0.2), nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.linear(self.drop(self.bn(x.mean(1))))
+
+
+def test_bn_folds_into_a_consumer_behind_eval_dropout(tmp_path):
+    _, steps = folded_pt2(tmp_path, NormLinear(), (2, 5, 6), bn_left=0)
+    assert (steps[0].into, steps[0].target) == ("consumer", "linear")
+
+
 # --------------------------------------------------------------------------- through a cat
 
 

@@ -43,7 +43,7 @@ from bncheck.backends.torch.reparam_merge import merge_sums
 from bncheck.layers import BNLayer, FoldStep
 from bncheck.numerics import bn_scale_shift, cast_checked, fold_into_consumer, fold_into_producer
 
-__all__ = ["fold_graph", "fold_producer"]
+__all__ = ["fold_consumer", "fold_graph", "fold_producer"]
 
 _BN_TENSORS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 _TRAINING_OPS = {"_batch_norm_with_update", "_batch_norm_with_update_functional"}
@@ -190,16 +190,20 @@ def _fold(gm: Any, layer: BNLayer, call: BNCall) -> None:
         users = [u for u in call.output.users if u not in call.region]
         if len(users) != 1:
             raise _Skip(f"BN output feeds {len(users)} nodes")
-        cons = users[0]
-        op, groups = _kind(cons)
-        w, b = (get(gm, n.target) if n is not None else None for n in _weights(gm, cons))
-        try:
-            w2, b2 = fold_into_consumer(_f64(w), _f64(b), s, t, op=op, groups=groups)
-        except ValueError as exc:
-            raise _Skip(str(exc)) from None
-        _rewrite_weights(gm, cons, w2, b2)
-        cons.replace_input_with(call.output, call.input)
+        fold_consumer(gm, users[0], s, t)
+        users[0].replace_input_with(call.output, call.input)
     _erase(gm, call)
+
+
+def fold_consumer(gm: Any, cons: Any, s: np.ndarray, t: np.ndarray) -> None:
+    """Fold ``s·x + t`` into the input channels of the consumer node ``cons``."""
+    op, groups = _kind(cons)
+    w, b = (get(gm, n.target) if n is not None else None for n in _weights(gm, cons))
+    try:
+        w2, b2 = fold_into_consumer(_f64(w), _f64(b), s, t, op=op, groups=groups)
+    except ValueError as exc:
+        raise _Skip(str(exc)) from None
+    _rewrite_weights(gm, cons, w2, b2)
 
 
 def _to_affine(gm: Any, layer: BNLayer, calls: list[BNCall]) -> None:
@@ -279,7 +283,7 @@ def fold_graph(handle: Any, *, affine: bool = False) -> tuple[Any, list[FoldStep
             continue
         if layer.fold.into is not None:
             try:
-                via = plan_of(view, calls[layer.name][0], layer.fold.into, layer.channels)
+                via = plan_of(view, calls[layer.name][0], layer)
                 if via is None:
                     _fold(gm, layer, local[0])
                 elif local[0].output is None:

@@ -16,7 +16,7 @@ unless every slice fits its dtype.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from bncheck.backends.torch.fold_layout import dims, value_readers
 from bncheck.backends.torch.graph import BNCall, GraphView, op_args, out_channels, producer_check
@@ -30,6 +30,7 @@ class ConcatPlan:
 
     cat: Any
     producers: tuple[Any, ...]
+    into: ClassVar[str] = "producer"  # FoldDecision.into
     names: tuple[str, ...]
     slices: tuple[tuple[int, int], ...]  # (offset, count) per producer, in cat order
 

@@ -18,7 +18,7 @@ values, which are all the fold changes. The same (match, check → reason) unit 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from bncheck.backends.torch.graph import BNCall, GraphView, op_args, out_channels, packet
 from bncheck.numerics.layout import axis_through_reshape, axis_through_transpose
@@ -64,6 +64,7 @@ class LayoutPlan:
 
     producer: Any
     layout: tuple[Any, ...]  # producer side first
+    into: ClassVar[str] = "producer"  # FoldDecision.into
     name: str  # the producer's report name
 
     @property

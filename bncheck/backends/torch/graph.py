@@ -368,9 +368,9 @@ def match_fold(
         return FoldDecision("consumer", target)
     from bncheck.backends.torch.fold_beyond import further  # it imports this module
 
-    via = further(view, calls[0], channels)  # layout ops, a channel cat, summed branches
+    via = further(view, calls[0], channels, shift_is_zero)  # layout ops, cat, branches, …
     if not isinstance(via, str):
-        return FoldDecision("producer", via.target)
+        return FoldDecision(via.into, via.target)
     return FoldDecision(None, reason=f"{p_reason}{f' ({via})' if via else ''}; {c_reason}")
 
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -82,6 +82,7 @@ class BranchMerge:
 
     root: Any
     inner: tuple[Any, ...]
+    into: ClassVar[str] = "producer"  # FoldDecision.into
     convs: tuple[Leaf, ...]
     idents: tuple[Leaf, ...]
     consts: tuple[Leaf, ...]
