@@ -121,6 +121,25 @@ def test_layout_fold_refuses_a_moved_axis_and_a_second_reader(tmp_path):
     assert steps[0].into is None and "also feeds" in steps[0].reason, steps
 
 
+class SharedLinear(nn.Module):
+    """One Linear read twice: its BN folds into a copy, the other call keeps the weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = LinearNorm(5, 5)
+
+    def forward(self, x):
+        return self.norm(x) + self.norm.linear(x)
+
+
+def test_layout_fold_into_a_shared_linear_uses_a_copy(tmp_path):
+    handle, steps = folded_pt2(tmp_path, SharedLinear(), (2, 3, 5), bn_left=0)
+    assert steps[0].into == "producer"
+    folded, _ = handle.folded()
+    keys = set(folded.exported.state_dict)
+    assert {"norm.linear.weight", "norm.linear.weight_folded"} <= keys, keys
+
+
 class NormLinear(nn.Module):
     """LeViT's head: token mean → BatchNorm1d → Dropout → Linear; the BN has no producer."""
 
@@ -277,11 +296,33 @@ class StridedIdentity(nn.Module):
 def test_branches_that_do_not_merge_keep_their_bn(tmp_path):
     handle, steps = folded_pt2(tmp_path, SharedBranch(), (2, 6, 7, 7), bn_left=1)
     s = by_layer(steps)["block.identity"]
-    assert s.into is None and "no branch merge: branch output 'batch_norm' is also read" in s.reason
+    assert (
+        s.into is None
+        and "no branch merge: branch output 'block.conv_1x1.1' is also read" in s.reason
+    )
     folded, _ = handle.folded()
     assert conv_count(folded) == 2
     _, steps = folded_pt2(tmp_path, StridedIdentity(), (2, 6, 8, 8), bn_left=1)
     assert by_layer(steps)["bn"].into is None
+
+
+def test_merge_that_overflows_float16_leaves_the_sum_and_its_identity_bn():
+    from bncheck.backends.torch import TorchHandle
+
+    model = randomize(RepVGGBlock(4, 4))
+    with torch.no_grad():
+        for branch in (model.conv_kxk, model.conv_1x1):
+            branch[0].weight.fill_(40000.0)  # each fits float16, their sum at the centre not
+            branch[1].running_mean.zero_(), branch[1].running_var.fill_(1.0)
+            branch[1].weight.fill_(1.0), branch[1].bias.zero_()
+    handle = TorchHandle("m.pt", "state_dict", model.half())
+    handle._example = {"x": torch.randn(2, 4, 6, 6).half()}
+    decided = {la.name: la.fold for la in handle.info().bn_layers}
+    assert decided["identity"].into == "producer"  # inspect cannot know the sum overflows
+    folded, steps = handle.folded()
+    s = by_layer(steps)["identity"]
+    assert s.into is None and "branch merge" in s.reason and "overflow float16" in s.reason
+    assert len(folded.info().bn_layers) == 1 and conv_count(folded) == 2
 
 
 @pytest.mark.parametrize(

@@ -203,12 +203,12 @@ def _ints(value: Any, n: int) -> tuple[int, ...] | None:
     return tuple(vals * n if len(vals) == 1 else vals) if len(vals) in (1, n) else None
 
 
-def _geometry(env: Env, conv: Any) -> tuple[Any, ...] | str:
+def _geometry(env: Env, conv: Any, label: str) -> tuple[Any, ...] | str:
     """(weight shape, stride, padding, dilation, groups) of a conv, or why not mergeable."""
     args = op_args(conv)
     w, b = args.get("weight"), args.get("bias")
     if not (hasattr(w, "op") and env.stored(w)) or (b is not None and not env.stored(b)):
-        return f"weights of '{conv.name}' are computed in the graph, not stored"
+        return f"weights of '{label}' are computed in the graph, not stored"
     shape = tuple(env.tensor(w).shape)
     n = len(shape) - 2
     pad = args.get("padding", 0)
@@ -216,7 +216,7 @@ def _geometry(env: Env, conv: Any) -> tuple[Any, ...] | str:
     geo = [_ints(args.get(k, 1), n) for k in ("stride", "dilation")]
     pads = None if isinstance(pad, str) else _ints(pad, n)
     if n < 1 or pads is None or None in geo:
-        return f"'{conv.name}' has no integer padding, stride or dilation"
+        return f"'{label}' has no integer padding, stride or dilation"
     return shape, geo[0], pads, geo[1], int(args.get("groups", 1))
 
 
@@ -236,13 +236,13 @@ def match_group(env: Env, root: Any, name: Callable[[Any], str]) -> BranchMerge 
     (x,) = xs
     for leaf in leaves:
         if leaf.node is not x and env.readers(leaf.node, set(inner)):
-            return f"branch output '{leaf.node.name}' is also read elsewhere"
+            return f"branch output '{name(leaf.node)}' is also read elsewhere"
     mutated = [n for n in inner if packet(n).endswith("_") and n.args[0] is x]
     if mutated:
         return f"{packet(mutated[0])} '{mutated[0].name}' updates the input in place"
     geos = []
     for leaf in convs:
-        geo = _geometry(env, leaf.conv)
+        geo = _geometry(env, leaf.conv, name(leaf.conv))
         if isinstance(geo, str):
             return geo
         if leaf.bn is not None and (why := env.bn_ok(leaf.bn, leaf.conv)):
@@ -261,7 +261,7 @@ def match_group(env: Env, root: Any, name: Callable[[Any], str]) -> BranchMerge 
         off = [tap_offset(kernel[a], g[0][2 + a], (hp[a],) * 2, (g[2][a],) * 2, dil[a])
                for a in range(n)]  # fmt: skip
         if None in off:
-            return f"'{leaf.conv.name}' does not line up with '{convs[hi].conv.name}'"
+            return f"'{name(leaf.conv)}' does not line up with '{name(convs[hi].conv)}'"
         offsets.append(tuple(off))
     cout = shape0[0]
     for leaf in (*leaves, *consts):
@@ -275,7 +275,7 @@ def match_group(env: Env, root: Any, name: Callable[[Any], str]) -> BranchMerge 
         if shape0[1] * groups != cout or any(s != 1 for s in stride):
             return f"an identity branch at {here} needs stride 1 and as many channels out as in"
         if any(hp[a] % dil[a] or 2 * hp[a] != dil[a] * (kernel[a] - 1) for a in range(n)):
-            return f"'{convs[hi].conv.name}' does not keep the size of its input"
+            return f"'{name(convs[hi].conv)}' does not keep the size of its input"
         centre = tuple(hp[a] // dil[a] for a in range(n))
         for leaf in idents:
             if leaf.bn is not None and (why := env.bn_ok(leaf.bn, None)):
@@ -315,14 +315,14 @@ def _view_env(view: GraphView) -> Env:
         args = op_args(bn)
         mean = args.get("running_mean")
         if packet(bn) in _TRAINING or args.get("training") or not view.stored(mean):
-            return f"BN '{bn.name}' normalizes with batch statistics"
+            return f"BN '{view.name(bn)}' normalizes with batch statistics"
         if sum(packet(u) in BN_OPS for u in mean.users) > 1:
-            return f"BN '{bn.name}' is called at several places"
+            return f"BN '{view.name(bn)}' is called at several places"
         if conv is None:
             return None
         channels = int(view.tensor(view.fqn[mean.name]).numel())
         target, reason = producer_check(view, call_from_op(bn), channels)
-        return None if target else f"branch BN '{bn.name}' does not fold: {reason}"
+        return None if target else f"branch BN '{view.name(bn)}' does not fold: {reason}"
 
     return Env(
         lambda n, besides: value_readers(view, n, besides),
