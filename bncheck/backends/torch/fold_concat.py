@@ -30,9 +30,9 @@ class ConcatPlan:
 
     cat: Any
     producers: tuple[Any, ...]
-    into: ClassVar[str] = "producer"  # FoldDecision.into
     names: tuple[str, ...]
     slices: tuple[tuple[int, int], ...]  # (offset, count) per producer, in cat order
+    into: ClassVar[str] = "producer"  # FoldDecision.into
 
     @property
     def target(self) -> str:

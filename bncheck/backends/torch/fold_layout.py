@@ -64,8 +64,8 @@ class LayoutPlan:
 
     producer: Any
     layout: tuple[Any, ...]  # producer side first
-    into: ClassVar[str] = "producer"  # FoldDecision.into
     name: str  # the producer's report name
+    into: ClassVar[str] = "producer"  # FoldDecision.into
 
     @property
     def target(self) -> str:

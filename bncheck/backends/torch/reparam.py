@@ -82,7 +82,6 @@ class BranchMerge:
 
     root: Any
     inner: tuple[Any, ...]
-    into: ClassVar[str] = "producer"  # FoldDecision.into
     convs: tuple[Leaf, ...]
     idents: tuple[Leaf, ...]
     consts: tuple[Leaf, ...]
@@ -92,6 +91,7 @@ class BranchMerge:
     offsets: tuple[tuple[int, ...], ...]
     centre: tuple[int, ...] | None
     groups: int
+    into: ClassVar[str] = "producer"  # FoldDecision.into
 
     @property
     def target(self) -> str:
