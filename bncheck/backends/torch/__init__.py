@@ -243,7 +243,7 @@ class TorchHandle(ModelHandle):
         for verification's noise yardstick."""
         import torch
 
-        from bncheck.backends.torch.fold import float64_copy
+        from bncheck.backends.torch.fold_eager import float64_copy
 
         if getattr(self, "_float64", None) is None:
             self._float64 = float64_copy(self.runnable())
@@ -284,7 +284,8 @@ class TorchHandle(ModelHandle):
         folded model is no longer the ``--arch`` class), path = the source path. A model
         that does not trace folds its safe eager Conv→BN pairs in a copy and keeps its format.
         """
-        from bncheck.backends.torch.fold import fold_eager, fold_graph
+        from bncheck.backends.torch.fold import fold_graph
+        from bncheck.backends.torch.fold_eager import fold_eager
 
         if self.exported is not None:
             ep, steps = fold_graph(self, affine=affine)

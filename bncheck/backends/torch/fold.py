@@ -22,11 +22,12 @@ tensors deleted. With ``affine``, an inference-mode BN that cannot fold becomes
 dynamic input dimension of the source (the sample ``.pt2`` files have a dynamic batch).
 
 A model that does not trace folds the Conv/Linear→BN pairs its module tree shows safe, in a deep
-copy of the module (``fold_eager``).
+copy of the module (``fold_eager.fold_eager``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 from typing import Any
@@ -34,12 +35,15 @@ from typing import Any
 import numpy as np
 
 from bncheck.backends.torch.attrs import delete, fresh_name, get, is_param, read_counts, store
-from bncheck.backends.torch.discover import eager_pairs, layer_calls
+from bncheck.backends.torch.discover import layer_calls
+from bncheck.backends.torch.fold_beyond import plan_of
 from bncheck.backends.torch.graph import BNCall, GraphView, op_args, packet
+from bncheck.backends.torch.reparam import BranchMerge
+from bncheck.backends.torch.reparam_merge import merge_sums
 from bncheck.layers import BNLayer, FoldStep
 from bncheck.numerics import bn_scale_shift, cast_checked, fold_into_consumer, fold_into_producer
 
-__all__ = ["float64_copy", "fold_eager", "fold_graph"]
+__all__ = ["fold_consumer", "fold_graph", "fold_producer"]
 
 _BN_TENSORS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 _TRAINING_OPS = {"_batch_norm_with_update", "_batch_norm_with_update_functional"}
@@ -124,6 +128,21 @@ def _rewrite_weights(gm: Any, node: Any, w64: np.ndarray, b64: np.ndarray) -> No
         _set_arg(node, arg, new_node)
 
 
+def fold_producer(gm: Any, parts: list[tuple[Any, np.ndarray, np.ndarray]]) -> None:
+    """Fold ``s·z + t`` into the output channels of each producer node of ``parts``
+    (``(node, s, t)`` each), all or nothing: ``_Skip`` before any change when one does not fit."""
+    staged = []
+    for prod, s, t in parts:
+        op, groups = _kind(prod)
+        w, b = (get(gm, n.target) if n is not None else None for n in _weights(gm, prod))
+        w2, b2 = fold_into_producer(_f64(w), _f64(b), s, t, op=op, groups=groups)
+        _to_torch(w2, w.dtype, "weights")  # the overflow checks, before anything changes
+        _to_torch(b2, (b if b is not None else w).dtype, "bias")
+        staged.append((prod, w2, b2))
+    for prod, w2, b2 in staged:
+        _rewrite_weights(gm, prod, w2, b2)
+
+
 def _set_arg(node: Any, name: str, value: Any) -> None:
     """Set argument ``name`` (by schema) of an aten op node, positionally where it can be."""
     idx = [a.name for a in node.target._schema.arguments].index(name)
@@ -145,10 +164,19 @@ def _scale_shift(layer: BNLayer) -> tuple[np.ndarray, np.ndarray]:
 
 def _erase(gm: Any, call: BNCall) -> None:
     """Erase the BN call's nodes once nothing reads them (reverse graph order)."""
+    _erase_dead(gm, call.region)
+
+
+def _erase_dead(gm: Any, nodes: Any) -> set[Any]:
+    """Erase ``nodes`` that nothing reads once the later ones are gone (reverse graph order);
+    returns those erased."""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    for node in sorted(call.region, key=order.__getitem__, reverse=True):
+    erased = set()
+    for node in sorted(set(nodes), key=order.__getitem__, reverse=True):
         if not node.users:
             gm.graph.erase_node(node)
+            erased.add(node)
+    return erased
 
 
 def _fold(gm: Any, layer: BNLayer, call: BNCall) -> None:
@@ -156,26 +184,26 @@ def _fold(gm: Any, layer: BNLayer, call: BNCall) -> None:
         raise _Skip("BN input or output not found in the graph")
     s, t = _scale_shift(layer)
     if layer.fold.into == "producer":
-        prod = call.input
-        op, groups = _kind(prod)
-        w, b = (get(gm, n.target) if n is not None else None for n in _weights(gm, prod))
-        w2, b2 = fold_into_producer(_f64(w), _f64(b), s, t, op=op, groups=groups)
-        _rewrite_weights(gm, prod, w2, b2)
-        call.output.replace_all_uses_with(prod)
+        fold_producer(gm, [(call.input, s, t)])
+        call.output.replace_all_uses_with(call.input)
     else:
         users = [u for u in call.output.users if u not in call.region]
         if len(users) != 1:
             raise _Skip(f"BN output feeds {len(users)} nodes")
-        cons = users[0]
-        op, groups = _kind(cons)
-        w, b = (get(gm, n.target) if n is not None else None for n in _weights(gm, cons))
-        try:
-            w2, b2 = fold_into_consumer(_f64(w), _f64(b), s, t, op=op, groups=groups)
-        except ValueError as exc:
-            raise _Skip(str(exc)) from None
-        _rewrite_weights(gm, cons, w2, b2)
-        cons.replace_input_with(call.output, call.input)
+        fold_consumer(gm, users[0], s, t)
+        users[0].replace_input_with(call.output, call.input)
     _erase(gm, call)
+
+
+def fold_consumer(gm: Any, cons: Any, s: np.ndarray, t: np.ndarray) -> None:
+    """Fold ``s·x + t`` into the input channels of the consumer node ``cons``."""
+    op, groups = _kind(cons)
+    w, b = (get(gm, n.target) if n is not None else None for n in _weights(gm, cons))
+    try:
+        w2, b2 = fold_into_consumer(_f64(w), _f64(b), s, t, op=op, groups=groups)
+    except ValueError as exc:
+        raise _Skip(str(exc)) from None
+    _rewrite_weights(gm, cons, w2, b2)
 
 
 def _to_affine(gm: Any, layer: BNLayer, calls: list[BNCall]) -> None:
@@ -245,6 +273,7 @@ def fold_graph(handle: Any, *, affine: bool = False) -> tuple[Any, list[FoldStep
     read_before = set(read_counts(gm))
     removed: list[str] = []
     steps: list[FoldStep] = []
+    pending: dict[str, tuple[int, BNLayer, list[BNCall]]] = {}  # identity BNs of a merge
     for layer in info.bn_layers:
         reason = layer.fold.reason
         try:
@@ -254,7 +283,15 @@ def fold_graph(handle: Any, *, affine: bool = False) -> tuple[Any, list[FoldStep
             continue
         if layer.fold.into is not None:
             try:
-                _fold(gm, layer, local[0])
+                via = plan_of(view, calls[layer.name][0], layer)
+                if via is None:
+                    _fold(gm, layer, local[0])
+                elif local[0].output is None:
+                    raise _Skip("BN output not found in the graph")
+                else:  # through layout ops or a cat; summed branches merge below
+                    via.execute(gm, nodes, local[0], _scale_shift(layer))
+                    if local[0].node is not None and isinstance(via, BranchMerge):
+                        pending[local[0].node.name] = (len(steps), layer, local)
                 steps.append(FoldStep(layer.name, layer.fold.into, layer.fold.target))
                 removed.append(layer.name)
                 continue
@@ -269,6 +306,15 @@ def fold_graph(handle: Any, *, affine: bool = False) -> tuple[Any, list[FoldStep
             except _Skip as exc:
                 reason = f"{reason}; not made affine: {exc}"
         steps.append(FoldStep(layer.name, None, None, reason))
+    for name, why in merge_sums(gm, set(pending)).items():  # summed branches → one conv
+        i, layer, local = pending[name]
+        removed.remove(layer.name)
+        steps[i] = FoldStep(layer.name, None, None, why)
+        if affine:
+            with contextlib.suppress(_Skip):
+                _to_affine(gm, layer, local)
+                steps[i] = FoldStep(layer.name, "affine", None, why)
+                removed.append(layer.name)
     gm.graph.eliminate_dead_code()
     _drop_dead_tensors(gm, read_before, removed)
     gm.graph.lint()
@@ -356,60 +402,3 @@ def _finite(bound: Any) -> int | None:
     except (TypeError, ValueError, OverflowError, AttributeError):
         return None
     return value if value < 2**62 else None
-
-
-def float64_copy(module: Any) -> Any:
-    """A deep copy of ``module`` computing in float64: every floating-point parameter, buffer
-    and plain tensor attribute (the constants of an unlifted ``ExportedProgram`` module) is
-    widened. The source module is not touched."""
-    import torch
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # deepcopy of a GraphModule warns about pytree internals
-        copied = copy.deepcopy(module)
-    copied = copied.double()
-    for sub in copied.modules():
-        for key, value in list(vars(sub).items()):
-            if isinstance(value, torch.Tensor) and value.is_floating_point():
-                setattr(sub, key, value.double())
-    return copied
-
-
-# --------------------------------------------------------------------------- eager fallback
-
-
-def fold_eager(handle: Any) -> tuple[Any, list[FoldStep]]:
-    """Fold the Conv/Linear→BN pairs the module tree shows safe (``eager_pairs``, the decision
-    ``inspect`` reports for an untraceable model) in an eval-mode deep copy: the producer gets
-    ``W' = s·W``, ``b' = s·b + t`` and the BN becomes ``nn.Identity``."""
-    import torch
-
-    info = handle.info()
-    module = copy.deepcopy(handle.module).eval()
-    pairs = eager_pairs(module)
-    steps: list[FoldStep] = []
-    for layer in info.bn_layers:
-        prod = pairs.get(layer.name, (None, None))[0]
-        if layer.fold.into != "producer" or prod is None:
-            steps.append(FoldStep(layer.name, None, None, layer.fold.reason or "not foldable"))
-            continue
-        conv = module.get_submodule(prod.name)
-        op = {"Linear": "linear", "ConvTranspose": "conv_transpose"}.get(prod.op, "conv")
-        try:
-            s, t = _scale_shift(layer)
-            w2, b2 = fold_into_producer(
-                _f64(conv.weight), _f64(conv.bias), s, t, op=op, groups=getattr(conv, "groups", 1)
-            )
-            w_new = _to_torch(w2, conv.weight.dtype, "weights")
-            b_dtype = (conv.bias if conv.bias is not None else conv.weight).dtype
-            b_new = _to_torch(b2, b_dtype, "bias")
-        except _Skip as exc:
-            steps.append(FoldStep(layer.name, None, None, str(exc)))
-            continue
-        # New Parameters: the source module's tensors are never written to.
-        conv.weight = torch.nn.Parameter(w_new, requires_grad=False)
-        conv.bias = torch.nn.Parameter(b_new, requires_grad=False)
-        parent, _, leaf = layer.name.rpartition(".")
-        setattr(module.get_submodule(parent) if parent else module, leaf, torch.nn.Identity())
-        steps.append(FoldStep(layer.name, "producer", prod.name))
-    return module, steps

@@ -366,7 +366,12 @@ def match_fold(
     target, c_reason = consumer_check(view, calls[0], channels, shift_is_zero)
     if target:
         return FoldDecision("consumer", target)
-    return FoldDecision(None, reason=f"{p_reason}; {c_reason}")
+    from bncheck.backends.torch.fold_beyond import further  # it imports this module
+
+    via = further(view, calls[0], channels, shift_is_zero)  # layout ops, cat, branches, …
+    if not isinstance(via, str):
+        return FoldDecision(via.into, via.target)
+    return FoldDecision(None, reason=f"{p_reason}{f' ({via})' if via else ''}; {c_reason}")
 
 
 def bn_shift_is_zero(mean: Any, var: Any, weight: Any, bias: Any, eps: float) -> bool:
