@@ -69,6 +69,11 @@ def conv_bn_fc(dtype=TensorProto.FLOAT, seed: int = 0) -> onnx.ModelProto:
     return model
 
 
+def whole_model_session(model: onnx.ModelProto):
+    """The whole model under a verification session's options (nothing is large enough)."""
+    return make_session(model, weights=SharedWeights(1 << 40))
+
+
 def shared_arrays(session) -> dict[str, np.ndarray]:
     """The arrays a session took from its pool (empty: it got the whole model)."""
     values, _ = getattr(session, "_bncheck_weights", ({}, {}))
@@ -84,7 +89,7 @@ def test_shared_session_is_bit_identical_to_the_whole_model(dtype):
     model = conv_bn_fc(dtype)
     pool = SharedWeights(SMALL)
     shared = make_session(model, weights=pool)
-    whole = make_session(model)
+    whole = whole_model_session(model)
     assert sorted(shared_arrays(shared)) == ["fc_w", "w"] and len(pool) == 2
     assert shared_arrays(whole) == {}
     x = feeds(helper.tensor_dtype_to_np_dtype(dtype))
@@ -189,7 +194,9 @@ def test_the_whole_model_when_the_shared_session_cannot_be_built(monkeypatch):
     session = make_session(conv_bn_fc(), weights=SharedWeights(SMALL))
     assert shared_arrays(session) == {}
     x = feeds()
-    assert np.array_equal(session.run(None, x)[0], make_session(conv_bn_fc()).run(None, x)[0])
+    assert np.array_equal(
+        session.run(None, x)[0], whole_model_session(conv_bn_fc()).run(None, x)[0]
+    )
 
 
 def test_what_the_pool_takes():
@@ -211,3 +218,25 @@ def test_what_the_pool_takes():
         t for t in model.graph.initializer if t.name == "fc_w"
     )
     assert kept["w"].data_location == TensorProto.EXTERNAL and not kept["w"].raw_data
+
+
+def prepacking(session) -> str:
+    try:
+        return session.get_session_options().get_session_config_entry("session.disable_prepacking")
+    except Exception:  # onnxruntime raises when the entry was never set
+        return "default"
+
+
+def test_both_models_of_a_comparison_run_unpacked_weights_on_either_path(monkeypatch):
+    """A session with a pool is a verification session: no weight is prepacked, whether it
+    takes the shared path or the whole model (so the original and the folded model never run
+    different GEMM kernels); other sessions keep onnxruntime's default."""
+    pool = SharedWeights(SMALL)
+    shared = make_session(conv_bn_fc(), weights=pool)
+    assert shared_arrays(shared) and prepacking(shared) == "1"
+    whole = whole_model_session(conv_bn_fc())
+    assert not shared_arrays(whole) and prepacking(whole) == "1"
+    assert prepacking(make_session(conv_bn_fc())) == "default"
+    assert prepacking(make_session(conv_bn_fc(), optimize=True, weights=pool)) == "default"
+    x = feeds()
+    assert np.array_equal(shared.run(None, x)[0], whole.run(None, x)[0])

@@ -193,7 +193,9 @@ def make_session(
     Graph optimizations are off (``ORT_DISABLE_ALL``) unless ``optimize``: equivalence checks
     must run the graph as written, not one onnxruntime has fused itself. With ``weights``
     (graph as written, CPU only) the large initializers come from that pool's arrays
-    (:class:`SharedWeights`); an optimized session always gets the whole model, because
+    (:class:`SharedWeights`), and no weight is prepacked (a session for a few verification
+    batches: packing a 400 MB FC weight at load costs more time and memory than packing it
+    on the fly in each run); an optimized session always gets the whole model, because
     onnxruntime's optimizers read initializers from the model, where a placeholder would
     read as zeros. Other models too large for one protobuf message go through a temporary
     file with external data, kept alive with the session. ``source`` names the model in
@@ -213,15 +215,19 @@ def make_session(
             f"{who}: onnxruntime has no {', '.join(missing)} here "
             f"(available: {', '.join(available)})"
         )
+    # A session with a pool runs a few verification batches: no prepacked weights (a second
+    # copy of every MatMul/Gemm weight, built at load) on either path, so both models of a
+    # comparison run the same kernels.
+    unpacked = weights is not None and not optimize
     session = None
-    if weights is not None and not optimize and providers == ["CPUExecutionProvider"]:
+    if unpacked and providers == ["CPUExecutionProvider"]:
         try:
-            session = _shared_session(model, _options(False, threads), weights)
+            session = _shared_session(model, _options(False, threads, unpacked), weights)
         except Exception:  # an onnxruntime that refuses the placeholders, or the model's own
             session = None  # error: loading the whole model says which, in its own words
     if session is not None:
         return session
-    opts = _options(optimize, threads)
+    opts = _options(optimize, threads, unpacked)
     tmp = None
     try:
         if serialized_size(model) > EXTERNAL_DATA_THRESHOLD:
@@ -241,10 +247,12 @@ def make_session(
     return session
 
 
-def _options(optimize: bool, threads: int | None) -> Any:
+def _options(optimize: bool, threads: int | None, unpacked: bool = False) -> Any:
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
+    if unpacked:
+        opts.add_session_config_entry("session.disable_prepacking", "1")
     opts.log_severity_level = 4
     opts.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL
