@@ -12,20 +12,19 @@ channel 1% off, and the written file is the one the whole-model path writes.
 from __future__ import annotations
 
 import hashlib
+import json
 
 import numpy as np
 import onnx
 import pytest
 from fold_fixtures import unlimited_verification_time  # noqa: F401  (a fixture)
 from onnx import TensorProto, helper, numpy_helper
-from typer.testing import CliRunner
 
 import bncheck
 from bncheck.api import verify_same_function
 from bncheck.backends.onnx import OnnxHandle, open_onnx
 from bncheck.backends.onnx import run as run_mod
 from bncheck.backends.onnx.run import SharedWeights, make_session
-from bncheck.cli import app
 
 pytestmark = pytest.mark.usefixtures("unlimited_verification_time")
 
@@ -154,7 +153,7 @@ def sha(path) -> str:
 
 
 def test_the_written_file_is_the_whole_model_paths_and_the_input_is_untouched(
-    monkeypatch, tmp_path
+    monkeypatch, tmp_path, run_cli
 ):
     src = tmp_path / "m.onnx"
     onnx.save(conv_bn_fc(), str(src))
@@ -165,14 +164,14 @@ def test_the_written_file_is_the_whole_model_paths_and_the_input_is_untouched(
     monkeypatch.setattr(run_mod, "SHARED_MIN_BYTES", SMALL)
     assert open_onnx(src).weights.min_bytes == SMALL
     out = tmp_path / "out.onnx"
-    result = CliRunner().invoke(app, ["fold", str(src), "-o", str(out)])
-    assert result.exit_code == 0, result.output
-    assert "verification passed on 32 samples" in " ".join(result.output.split())
+    result = run_cli("fold", src, "-o", out)
+    assert result.code == 0, result
+    assert "verification passed on 32 samples" in " ".join(result.out.split())
     assert sha(out) == sha(plain) and sha(src) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "out.onnx", "plain.onnx"]
-    inspected = CliRunner().invoke(app, ["inspect", str(out), "--format", "json"])
-    assert inspected.exit_code == 0, inspected.output
-    assert '"bn_layers": []' in inspected.output.replace("\n", "").replace("  ", "")
+    inspected = run_cli("inspect", out, "--format", "json")
+    assert inspected.code == 0, inspected
+    assert json.loads(inspected.out)["bn_layers"] == []
 
 
 def test_an_optimized_session_never_takes_placeholders():

@@ -17,7 +17,8 @@ import onnx
 from onnx import ModelProto, TensorProto
 
 from bncheck.atomic import as_new_file, temp_beside
-from bncheck.backends.onnx.load import _TYPED_FIELDS, _copy_fields, iter_tensors, serialized_size
+from bncheck.backends.onnx.encoding import _TYPED_FIELDS, _copy_fields
+from bncheck.backends.onnx.load import iter_tensors, serialized_size
 from bncheck.errors import InputError, one_line
 
 __all__ = [
