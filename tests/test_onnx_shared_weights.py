@@ -118,14 +118,17 @@ def test_fold_shares_the_weights_it_left_and_not_the_ones_it_changed():
 def test_verification_fails_a_fold_one_channel_off_on_the_shared_path(monkeypatch, tmp_path):
     from fold_fixtures import corrupt_one_channel
 
-    built = []
+    built = []  # (optimized, session) of each session built from the pool
     real = run_mod._shared_session
-    monkeypatch.setattr(
-        run_mod, "_shared_session", lambda *a, **k: built.append(real(*a, **k)) or built[-1]
-    )
+
+    def spy(*args, copied=False):
+        built.append((copied, real(*args, copied=copied)))
+        return built[-1][1]
+
+    monkeypatch.setattr(run_mod, "_shared_session", spy)
     ok = bncheck.fold(OnnxHandle("m.onnx", conv_bn_fc(), weights=SharedWeights(SMALL)))
     assert ok.verification.passed and ok.verification.samples == 32
-    assert len(built) == 2 and all(shared_arrays(s) for s in built)
+    assert [c for c, _ in built] == [False, False] and all(shared_arrays(s) for _, s in built)
 
     corrupt_one_channel(monkeypatch, call=0)
     out = tmp_path / "out.onnx"
@@ -133,7 +136,10 @@ def test_verification_fails_a_fold_one_channel_off_on_the_shared_path(monkeypatc
     v = bad.verification
     assert not v.passed and v.samples == 32 and v.max_rel_error > 10 * v.rtol
     assert bad.output is None and not out.exists()
-    assert len(built) == 4 and all(shared_arrays(s) for s in built)
+    # both models as written from the pool, then the original's optimized run for its spread
+    assert [c for c, _ in built] == [False, False, False, False, True]
+    assert all(shared_arrays(s) for c, s in built if not c)
+    assert v.worst.basis == "spread"
 
 
 def test_verification_releases_the_sessions_and_their_arrays():
@@ -174,15 +180,42 @@ def test_the_written_file_is_the_whole_model_paths_and_the_input_is_untouched(
     assert json.loads(inspected.out)["bn_layers"] == []
 
 
-def test_an_optimized_session_never_takes_placeholders():
-    """onnxruntime's optimizers read initializers from the model itself, where a placeholder
-    reads as zeros: an optimized session gets the whole model, whatever pool is given."""
+def test_an_optimized_session_gets_the_weights_copied_before_its_optimizers_run():
+    """onnxruntime's optimizers read initializers from the model: an optimized session gets
+    the pool's arrays copied into the graph first (bit-identical to the whole model's
+    optimized session; the pool keeps nothing, onnxruntime holds the copies)."""
     pool = SharedWeights(SMALL)
     session = make_session(conv_bn_fc(), optimize=True, weights=pool)
+    assert hasattr(session, "_bncheck_tmpdir")  # built from the skeleton
     assert shared_arrays(session) == {} and len(pool) == 0
     x = feeds()
-    fused, ref = session.run(None, x)[0], make_session(conv_bn_fc()).run(None, x)[0]
-    assert np.abs(fused - ref).max() <= 1e-5 * np.abs(ref).max()  # float rounding, not zeros
+    whole = make_session(conv_bn_fc(), optimize=True)
+    assert np.array_equal(session.run(None, x)[0], whole.run(None, x)[0])
+
+
+@pytest.mark.parametrize("optimize", [False, True])
+def test_a_placeholder_left_without_its_array_fails_the_load_not_reads_zeros(monkeypatch, optimize):
+    """The placeholder file is empty (or, optimized, absent): onnxruntime cannot read a
+    placeholder as zeros; the load fails and the whole model is used instead."""
+    real = SharedWeights.skeleton
+
+    def leave_one_out(self, model):
+        skeleton, values = real(self, model)
+        values.pop("fc_w")
+        return skeleton, values
+
+    x = feeds()
+    expected = make_session(conv_bn_fc(), optimize=optimize, weights=SharedWeights(SMALL))
+    assert hasattr(expected, "_bncheck_tmpdir")  # built from the skeleton
+    monkeypatch.setattr(SharedWeights, "skeleton", leave_one_out)
+    with pytest.raises(Exception, match="fc_w"):
+        run_mod._shared_session(
+            conv_bn_fc(), run_mod._options(optimize, None, not optimize), SharedWeights(SMALL),
+            copied=optimize,
+        )  # fmt: skip
+    fallback = make_session(conv_bn_fc(), optimize=optimize, weights=SharedWeights(SMALL))
+    assert not hasattr(fallback, "_bncheck_tmpdir")  # the whole model
+    assert np.array_equal(fallback.run(None, x)[0], expected.run(None, x)[0])
 
 
 def test_the_whole_model_when_the_shared_session_cannot_be_built(monkeypatch):
@@ -210,8 +243,8 @@ def test_what_the_pool_takes():
     # an initializer that is also a graph input can be fed instead: it stays in the model
     model = conv_bn_fc()
     model.graph.input.append(helper.make_tensor_value_info("fc_w", TensorProto.FLOAT, [64, 1024]))
-    skeleton, values, size = pool.skeleton(model)
-    assert sorted(values) == ["w"] and size == 4096  # one page-aligned placeholder
+    skeleton, values = pool.skeleton(model)
+    assert sorted(values) == ["w"]
     kept = {t.name: t for t in skeleton.graph.initializer}
     assert kept["fc_w"].HasField("raw_data") and kept["fc_w"] == next(
         t for t in model.graph.initializer if t.name == "fc_w"
@@ -236,6 +269,7 @@ def test_both_models_of_a_comparison_run_unpacked_weights_on_either_path(monkeyp
     whole = whole_model_session(conv_bn_fc())
     assert not shared_arrays(whole) and prepacking(whole) == "1"
     assert prepacking(make_session(conv_bn_fc())) == "default"
-    assert prepacking(make_session(conv_bn_fc(), optimize=True, weights=pool)) == "default"
+    optimized = make_session(conv_bn_fc(), optimize=True, weights=pool)
+    assert hasattr(optimized, "_bncheck_tmpdir") and prepacking(optimized) == "default"
     x = feeds()
     assert np.array_equal(shared.run(None, x)[0], whole.run(None, x)[0])

@@ -92,7 +92,9 @@ class OnnxHandle(ModelHandle):
         from bncheck.interrupt import run_session
 
         if self._optimized is None:
-            self._optimized = make_session(self.model, optimize=True, source=str(self.path))
+            self._optimized = make_session(
+                self.model, optimize=True, source=str(self.path), weights=self.weights
+            )
         try:
             outputs = list(run_session(self._optimized, None, feeds))
         except Exception as exc:

@@ -54,9 +54,9 @@ _SHAREABLE = {
     TensorProto.UINT64: np.uint64,
     TensorProto.BOOL: np.bool_,
 }
-# A placeholder's data lies at a page-aligned offset of the (sparse, never read) placeholder file.
+# Where every placeholder's data lies: an empty file, so a placeholder read by mistake fails the
+# load (past the end of the file) instead of reading as zeros.
 _PLACEHOLDER_FILE = "bncheck-placeholder.bin"
-_PAGE = 4096
 
 _ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*\w+\s*:\s*")
 # "/onnxruntime_src/…/reshape_helper.h:84 " at the start or after "Status Message: ".
@@ -91,7 +91,8 @@ class SharedWeights:
     sessions of a model and of its folded copy share.
 
     A session built with it (:func:`make_session`) receives the model with each initializer of
-    at least ``min_bytes`` replaced by a data-less placeholder, and the array itself through
+    at least ``min_bytes`` replaced by a placeholder (external data in an empty file), and the
+    array itself through
     ``SessionOptions.add_initializer``, which onnxruntime uses in place (no copy). So no
     serialized copy of the whole model is made and parsed again, onnxruntime holds no copy of
     those weights, and a weight the fold left as it was (same name and an equal TensorProto:
@@ -148,17 +149,16 @@ class SharedWeights:
         if name in self._entries and self._entries[name][1] is ref:
             del self._entries[name]
 
-    def skeleton(self, model: ModelProto) -> tuple[ModelProto, dict[str, np.ndarray], int]:
+    def skeleton(self, model: ModelProto) -> tuple[ModelProto, dict[str, np.ndarray]]:
         """``model`` with every initializer the pool takes replaced by a placeholder (name,
-        type, dims, and external data at a page-aligned offset of a placeholder file that is
-        never read); its values by name; and the placeholder file's size. Initializers that
-        are also graph inputs (a caller could override them) stay as they are."""
+        type, dims, and its bytes as external data in :data:`_PLACEHOLDER_FILE`), and their
+        values by name. Initializers that are also graph inputs (a caller could override
+        them) stay as they are."""
         inputs = {i.name for i in model.graph.input}
         sk = ModelProto()
         _copy_fields(model, sk, skip="graph")
         _copy_fields(model.graph, sk.graph, skip="initializer")
         values: dict[str, np.ndarray] = {}
-        offset = 0
         for t in model.graph.initializer:
             if t.name in inputs or t.name in values or not self.takes(t):
                 sk.graph.initializer.append(t)
@@ -169,15 +169,10 @@ class SharedWeights:
             p.name, p.data_type = t.name, t.data_type
             p.dims.extend(t.dims)
             p.data_location = TensorProto.EXTERNAL
-            for key, value in (
-                ("location", _PLACEHOLDER_FILE),
-                ("offset", str(offset)),
-                ("length", str(arr.nbytes)),
-            ):
+            for key, value in (("location", _PLACEHOLDER_FILE), ("length", str(arr.nbytes))):
                 entry = p.external_data.add()
                 entry.key, entry.value = key, value
-            offset += -(-arr.nbytes // _PAGE) * _PAGE
-        return sk, values, offset
+        return sk, values
 
 
 def make_session(
@@ -193,14 +188,14 @@ def make_session(
 
     Graph optimizations are off (``ORT_DISABLE_ALL``) unless ``optimize``: equivalence checks
     must run the graph as written, not one onnxruntime has fused itself. With ``weights``
-    (graph as written, CPU only) the large initializers come from that pool's arrays
-    (:class:`SharedWeights`), and no weight is prepacked (a session for a few verification
-    batches: packing a 400 MB FC weight at load costs more time and memory than packing it
-    on the fly in each run); an optimized session always gets the whole model, because
-    onnxruntime's optimizers read initializers from the model, where a placeholder would
-    read as zeros. Other models too large for one protobuf message go through a temporary
-    file with external data, kept alive with the session. ``source`` names the model in
-    error messages.
+    (CPU only) the large initializers come from that pool's arrays (:class:`SharedWeights`):
+    used in place by a session of the graph as written, in which no weight is prepacked (a
+    session for a few verification batches: packing a 400 MB FC weight at load costs more
+    time and memory than packing it on the fly in each run); copied into the graph before
+    the optimizers run by an optimized one (they read initializers from the model, where a
+    placeholder would read as zeros). Other models too large for one protobuf message go
+    through a temporary file with external data, kept alive with the session. ``source``
+    names the model in error messages.
     """
     import onnxruntime as ort
 
@@ -221,9 +216,10 @@ def make_session(
     # comparison run the same kernels.
     unpacked = weights is not None and not optimize
     session = None
-    if unpacked and providers == ["CPUExecutionProvider"]:
+    if weights is not None and providers == ["CPUExecutionProvider"]:
         try:
-            session = _shared_session(model, _options(False, threads, unpacked), weights)
+            opts = _options(optimize, threads, unpacked)
+            session = _shared_session(model, opts, weights, copied=optimize)
         except Exception:  # an onnxruntime that refuses the placeholders, or the model's own
             session = None  # error: loading the whole model says which, in its own words
     if session is not None:
@@ -266,30 +262,39 @@ def _options(optimize: bool, threads: int | None, unpacked: bool = False) -> Any
     return opts
 
 
-def _shared_session(model: ModelProto, opts: Any, weights: SharedWeights) -> Any:
+def _shared_session(
+    model: ModelProto, opts: Any, weights: SharedWeights, *, copied: bool = False
+) -> Any:
     """A CPU session of ``model`` whose large initializers come from ``weights``' arrays; None
     when it has none, or when the rest alone is too large for one protobuf message.
 
-    Every placeholder in the skeleton has its array added by name, so onnxruntime reads none
-    of them; the placeholder file beside the skeleton's (sparse: no disk space, never read)
-    only has to exist for onnxruntime's external-data checks. The session keeps the arrays,
-    their OrtValues and the folder alive: onnxruntime uses the arrays' memory while it runs.
+    Every placeholder in the skeleton has its array added by name (``add_initializer``), so
+    onnxruntime reads none of them; the placeholder file beside the skeleton's only has to
+    exist for onnxruntime's external-data checks, and is empty: a placeholder left without its
+    array fails the load (its bytes lie past the end of the file), it cannot read as zeros.
+    The session keeps the arrays, their OrtValues and the folder alive: onnxruntime uses the
+    arrays' memory while it runs.
+
+    ``copied`` (an optimized session): onnxruntime copies each array into the graph before
+    its optimizers run (``add_external_initializers``), so they read the real weights; here
+    no placeholder file exists at all.
     """
     import onnxruntime as ort
 
-    sk, values, size = weights.skeleton(model)
+    sk, values = weights.skeleton(model)
     if not values or serialized_size(sk) > EXTERNAL_DATA_THRESHOLD:
         return None  # nothing to share, or too many small tensors: the whole model it is
     tmp = tempfile.TemporaryDirectory(prefix="bncheck-ort-")
     folder = Path(tmp.name)
     try:
-        with open(folder / _PLACEHOLDER_FILE, "wb") as f:
-            f.truncate(size)
         (folder / "model.onnx").write_bytes(sk.SerializeToString())
-        kept = {}
-        for name, arr in values.items():
-            kept[name] = ort.OrtValue.ortvalue_from_numpy(arr)
-            opts.add_initializer(name, kept[name])
+        kept = {name: ort.OrtValue.ortvalue_from_numpy(arr) for name, arr in values.items()}
+        if copied:
+            opts.add_external_initializers(list(kept), list(kept.values()))
+        else:
+            (folder / _PLACEHOLDER_FILE).write_bytes(b"")
+            for name, value in kept.items():
+                opts.add_initializer(name, value)
         session = ort.InferenceSession(
             str(folder / "model.onnx"), opts, providers=["CPUExecutionProvider"]
         )
@@ -297,7 +302,7 @@ def _shared_session(model: ModelProto, opts: Any, weights: SharedWeights) -> Any
         tmp.cleanup()
         raise
     session._bncheck_tmpdir = tmp
-    session._bncheck_weights = (values, kept)
+    session._bncheck_weights = ({}, {}) if copied else (values, kept)
     return session
 
 
