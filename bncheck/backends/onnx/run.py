@@ -92,11 +92,11 @@ class SharedWeights:
 
     A session built with it (:func:`make_session`) receives the model with each initializer of
     at least ``min_bytes`` replaced by a placeholder (external data in an empty file), and the
-    array itself through
-    ``SessionOptions.add_initializer``, which onnxruntime uses in place (no copy). So no
-    serialized copy of the whole model is made and parsed again, onnxruntime holds no copy of
-    those weights, and a weight the fold left as it was (same name and an equal TensorProto:
-    dims, type and bytes) is one array for both sessions. ``min_bytes`` (default
+    array itself through ``SessionOptions.add_initializer``, which onnxruntime uses in place
+    (no copy; the array is C-contiguous in the tensor's own dtype and outlives the session).
+    So no serialized copy of the whole model is made and parsed again, onnxruntime holds no
+    copy of those weights, and a weight the fold left as it was (same name and an equal
+    TensorProto: dims, type and bytes) is one array for both sessions. ``min_bytes`` (default
     :data:`SHARED_MIN_BYTES`, read when the pool is made) lets a small model take this path.
 
     The pool holds an array only while a session uses it (the sessions keep them alive), so
