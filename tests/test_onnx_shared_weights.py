@@ -69,8 +69,8 @@ def conv_bn_fc(dtype=TensorProto.FLOAT, seed: int = 0) -> onnx.ModelProto:
 
 
 def whole_model_session(model: onnx.ModelProto):
-    """The whole model under a verification session's options (nothing is large enough)."""
-    return make_session(model, weights=SharedWeights(1 << 40))
+    """The whole model serialized for onnxruntime, as sessions were built before the pool."""
+    return make_session(model)
 
 
 def shared_arrays(session) -> dict[str, np.ndarray]:
@@ -209,10 +209,8 @@ def test_a_placeholder_left_without_its_array_fails_the_load_not_reads_zeros(mon
     assert hasattr(expected, "_bncheck_tmpdir")  # built from the skeleton
     monkeypatch.setattr(SharedWeights, "skeleton", leave_one_out)
     with pytest.raises(Exception, match="fc_w"):
-        run_mod._shared_session(
-            conv_bn_fc(), run_mod._options(optimize, None, not optimize), SharedWeights(SMALL),
-            copied=optimize,
-        )  # fmt: skip
+        opts = run_mod._options(optimize, None)
+        run_mod._shared_session(conv_bn_fc(), opts, SharedWeights(SMALL), copied=optimize)
     fallback = make_session(conv_bn_fc(), optimize=optimize, weights=SharedWeights(SMALL))
     assert not hasattr(fallback, "_bncheck_tmpdir")  # the whole model
     assert np.array_equal(fallback.run(None, x)[0], expected.run(None, x)[0])
@@ -250,26 +248,3 @@ def test_what_the_pool_takes():
         t for t in model.graph.initializer if t.name == "fc_w"
     )
     assert kept["w"].data_location == TensorProto.EXTERNAL and not kept["w"].raw_data
-
-
-def prepacking(session) -> str:
-    try:
-        return session.get_session_options().get_session_config_entry("session.disable_prepacking")
-    except Exception:  # onnxruntime raises when the entry was never set
-        return "default"
-
-
-def test_both_models_of_a_comparison_run_unpacked_weights_on_either_path(monkeypatch):
-    """A session with a pool is a verification session: no weight is prepacked, whether it
-    takes the shared path or the whole model (so the original and the folded model never run
-    different GEMM kernels); other sessions keep onnxruntime's default."""
-    pool = SharedWeights(SMALL)
-    shared = make_session(conv_bn_fc(), weights=pool)
-    assert shared_arrays(shared) and prepacking(shared) == "1"
-    whole = whole_model_session(conv_bn_fc())
-    assert not shared_arrays(whole) and prepacking(whole) == "1"
-    assert prepacking(make_session(conv_bn_fc())) == "default"
-    optimized = make_session(conv_bn_fc(), optimize=True, weights=pool)
-    assert hasattr(optimized, "_bncheck_tmpdir") and prepacking(optimized) == "default"
-    x = feeds()
-    assert np.array_equal(shared.run(None, x)[0], whole.run(None, x)[0])

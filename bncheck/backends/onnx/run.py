@@ -189,13 +189,14 @@ def make_session(
     Graph optimizations are off (``ORT_DISABLE_ALL``) unless ``optimize``: equivalence checks
     must run the graph as written, not one onnxruntime has fused itself. With ``weights``
     (CPU only) the large initializers come from that pool's arrays (:class:`SharedWeights`):
-    used in place by a session of the graph as written, in which no weight is prepacked (a
-    session for a few verification batches: packing a 400 MB FC weight at load costs more
-    time and memory than packing it on the fly in each run); copied into the graph before
-    the optimizers run by an optimized one (they read initializers from the model, where a
-    placeholder would read as zeros). Other models too large for one protobuf message go
-    through a temporary file with external data, kept alive with the session. ``source``
-    names the model in error messages.
+    used in place by a session of the graph as written; copied into the graph before the
+    optimizers run by an optimized one (they read initializers from the model, where a
+    placeholder would read as zeros). Either computes bit for bit what a session of the
+    whole model computes. onnxruntime still prepacks each session's MatMul/Gemm weights
+    (a packed copy per session: 2×490 MB for VGG-11's FC layers): without, its runs are
+    ~10% slower and the time-budgeted verification runs fewer samples. Other models too large
+    for one protobuf message go through a temporary file with external data, kept alive with
+    the session. ``source`` names the model in error messages.
     """
     import onnxruntime as ort
 
@@ -211,20 +212,15 @@ def make_session(
             f"{who}: onnxruntime has no {', '.join(missing)} here "
             f"(available: {', '.join(available)})"
         )
-    # A session with a pool runs a few verification batches: no prepacked weights (a second
-    # copy of every MatMul/Gemm weight, built at load) on either path, so both models of a
-    # comparison run the same kernels.
-    unpacked = weights is not None and not optimize
     session = None
     if weights is not None and providers == ["CPUExecutionProvider"]:
         try:
-            opts = _options(optimize, threads, unpacked)
-            session = _shared_session(model, opts, weights, copied=optimize)
+            session = _shared_session(model, _options(optimize, threads), weights, copied=optimize)
         except Exception:  # an onnxruntime that refuses the placeholders, or the model's own
             session = None  # error: loading the whole model says which, in its own words
     if session is not None:
         return session
-    opts = _options(optimize, threads, unpacked)
+    opts = _options(optimize, threads)
     tmp = None
     try:
         if serialized_size(model) > EXTERNAL_DATA_THRESHOLD:
@@ -244,12 +240,10 @@ def make_session(
     return session
 
 
-def _options(optimize: bool, threads: int | None, unpacked: bool = False) -> Any:
+def _options(optimize: bool, threads: int | None) -> Any:
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    if unpacked:
-        opts.add_session_config_entry("session.disable_prepacking", "1")
     opts.log_severity_level = 4
     opts.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL
