@@ -75,8 +75,9 @@ def checker_view(model: ModelProto) -> ModelProto:
 
     The checker serializes the whole model (a full copy of every weight, plus onnx's size
     check: most of the time ``inspect`` took on a 100 MB model) but, of a plain raw-data
-    tensor, only checks that its bytes match its dims — which ``_check_tensor`` has already
-    checked for every tensor. Everything else it checks (nodes, names, types, opsets,
+    tensor, only checks that its bytes match its dims — which loading has already checked for
+    every tensor (``load._check_tensor``; for these, the file's size may stand in:
+    :func:`_sizes_as_declared`). Everything else it checks (nodes, names, types, opsets,
     functions, subgraphs) is kept."""
     view = ModelProto()
     _copy_fields(model, view, skip="graph")
@@ -140,6 +141,8 @@ def _sizes_as_declared(model: ModelProto, file_size: int) -> bool:
     protobuf writes it (packed dims, say) does not match, and its tensors are then counted
     one by one. Equal totals from a tensor that stores more than it declares and one that
     stores less reach later readers, which refuse such a tensor (:meth:`GraphIndex.const`)."""
+    if not any(_stub_bytes(t) is not None for t in model.graph.initializer):
+        return False  # nothing to count (weights held in Constant nodes, say): skip the work
     raw = TensorProto.DESCRIPTOR.fields_by_name["raw_data"].number
     init = GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
     graph = ModelProto.DESCRIPTOR.fields_by_name["graph"].number
