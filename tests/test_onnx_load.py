@@ -223,3 +223,73 @@ def test_checker_sees_large_initializers_as_stubs_and_still_catches_errors(tmp_p
     m.graph.initializer.append(numpy_helper.from_array(big, "unused_big"))  # a duplicate name
     with pytest.raises(InputError, match=r"invalid ONNX model \(.*unused_big"):
         open_onnx(write(tmp_path, m))
+
+
+def two_conv_bn(w1: np.ndarray, w2: np.ndarray, *, w1_extra: int = 0) -> onnx.ModelProto:
+    """x → Conv(w1) → Conv(w2) → BN → y, both weights 4.6 KB (large enough that the checker
+    sees them as stubs); ``w1_extra`` bytes moved from w2's raw data to w1's."""
+    t1, t2 = numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")
+    if w1_extra:
+        t1.raw_data = t1.raw_data + b"\0" * w1_extra
+        t2.raw_data = t2.raw_data[:-w1_extra]
+    bn = [numpy_helper.from_array(np.full(16, v, np.float32), n) for n, v in
+          (("g", 1.5), ("b", 0.1), ("m", 0.2), ("v", 0.9))]  # fmt: skip
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1] * 4, name="conv1"),
+        helper.make_node("Conv", ["c1", "w2"], ["c2"], pads=[1] * 4, name="conv2"),
+        helper.make_node("BatchNormalization", ["c2", "g", "b", "m", "v"], ["y"], name="bn"),
+    ]
+    g = helper.make_graph(
+        nodes, "g", [vi("x", [1, 8, 6, 6])], [vi("y", [1, 16, 6, 6])], [t1, t2, *bn]
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def conv_weights():
+    rng = np.random.default_rng(5)
+    w1 = rng.normal(0, 0.3, (16, 8, 3, 3)).astype(np.float32)
+    return w1, rng.normal(0, 0.3, (16, 16, 3, 3)).astype(np.float32)[:, :16]
+
+
+def test_large_tensors_are_counted_from_sizes_not_read(tmp_path, monkeypatch):
+    """Reading raw_data copies it (upb has no length accessor): the large initializers of a
+    file protobuf wrote are found to hold their declared bytes from the file's size alone."""
+    from bncheck.backends.onnx import load as load_mod
+
+    seen = {}
+    real = load_mod._check_tensor
+    monkeypatch.setattr(
+        load_mod,
+        "_check_tensor",
+        lambda t, *a, counted=False: seen.setdefault(t.name, counted) or real(t, *a),
+    )
+    p = write(tmp_path, two_conv_bn(*conv_weights()))
+    open_onnx(p)
+    assert seen == {"w1": True, "w2": True, "g": False, "b": False, "m": False, "v": False}
+    model = onnx.load(str(p))
+    assert load_mod._sizes_as_declared(model, p.stat().st_size)
+    assert not load_mod._sizes_as_declared(model, p.stat().st_size + 1)
+
+
+def test_a_large_tensor_shorter_than_declared_is_named(tmp_path):
+    t = numpy_helper.from_array(np.zeros(2048, np.float32), "w")
+    t.raw_data = t.raw_data[:-8]
+    with pytest.raises(InputError, match="tensor 'w' declares 8192 bytes but stores 8184"):
+        open_onnx(write(tmp_path, add_model(t)))
+
+
+def test_sizes_that_cancel_out_are_refused_where_the_tensor_is_read(tmp_path, run_cli):
+    """One tensor 4 bytes longer than declared and another 4 bytes shorter: the file is as
+    long as declared, so loading passes it (it cannot allocate more than the file holds);
+    the fold reads the weights and refuses the file in one line, writing nothing."""
+    from conftest import assert_clean_error
+
+    p = write(tmp_path, two_conv_bn(*conv_weights(), w1_extra=4))
+    open_onnx(p)
+    with pytest.raises(InputError, match="tensor 'w2' holds malformed data"):
+        open_onnx(p).index.const("w2")
+    out = tmp_path / "out.onnx"
+    assert_clean_error(run_cli("fold", p, "-o", out), "tensor 'w2' holds malformed data")
+    assert not out.exists()

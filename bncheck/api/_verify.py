@@ -5,7 +5,9 @@ are defined there).
 Its cost is sized to the model: batches that fit in memory (:data:`BATCH_ELEMENTS` input
 elements), as many samples as :data:`VERIFY_SECONDS` of running allows by the first batch's time
 (at most :data:`VERIFY_SAMPLES`; at least that one batch), one onnxruntime
-session per model, and the model's own rounding
+session per model (an ONNX model and its folded copy share their unchanged large weights:
+``backends.onnx.run.SharedWeights``; handles that can ``release`` their sessions do so once
+the verdict is in), and the model's own rounding
 spread measured (one more run, on the batch with the largest error) only when an error is above
 the dtype's floor. A graph that runs only at batch 1 (a batch size baked into a Reshape) is
 verified sample by sample.
@@ -129,14 +131,22 @@ def verify_same_function(
         )
 
     run = _Comparison(original, candidate, ErrorTally([o.name for o in info.outputs]))
-    source = _sized_source(open_source, _given_batch(input_shapes), max_samples)
-    source, per_sample = run.first_batch(source, open_source)
-    budget = VERIFY_SECONDS if seconds is None else seconds
-    source = run.budgeted(source, per_sample, budget, open_source)
-    run.remaining_batches(source)
-    spread, how = None, ""
-    if rtol is None and needs_spread(run.tally, dtype, atol=atol or 0.0):
-        spread, how = run.spread()
+    try:
+        source = _sized_source(open_source, _given_batch(input_shapes), max_samples)
+        source, per_sample = run.first_batch(source, open_source)
+        budget = VERIFY_SECONDS if seconds is None else seconds
+        source = run.budgeted(source, per_sample, budget, open_source)
+        run.remaining_batches(source)
+        spread, how = None, ""
+        if rtol is None and needs_spread(run.tally, dtype, atol=atol or 0.0):
+            spread, how = run.spread()
+    finally:
+        # The sessions (an ONNX model's weights, packed again by onnxruntime) are not needed
+        # once the verdict is in: freed here, before the caller writes the folded model.
+        for handle in (original, candidate):
+            release = getattr(handle, "release", None)
+            if release is not None:
+                release()
     verdicts = judge(run.tally, dtype, spread=spread, rtol=rtol, atol=atol)
     top = worst_output(verdicts)
     return Verification(

@@ -15,7 +15,7 @@ from bncheck.backends.base import ModelHandle
 from bncheck.backends.onnx.discover import discover
 from bncheck.backends.onnx.graph import GraphIndex, fixed_dim, unfix_dynamic_dims
 from bncheck.backends.onnx.load import load_model
-from bncheck.backends.onnx.run import make_session, ort_message, save_onnx
+from bncheck.backends.onnx.run import SharedWeights, make_session, ort_message, save_onnx
 from bncheck.errors import InputError
 from bncheck.layers import FoldStep, ModelInfo
 
@@ -35,6 +35,7 @@ class OnnxHandle(ModelHandle):
         *,
         input_shapes: dict[str, tuple[int, ...]] | None = None,
         external_data: bool = False,
+        weights: SharedWeights | None = None,
     ) -> None:
         self.path = Path(path)
         self.model = model
@@ -44,6 +45,8 @@ class OnnxHandle(ModelHandle):
         self._index: GraphIndex | None = None
         self._session: Any = None
         self._optimized: Any = None
+        # large initializers for the session, shared with the handles folded from this one
+        self.weights = SharedWeights() if weights is None else weights
 
     @property
     def index(self) -> GraphIndex:
@@ -62,7 +65,7 @@ class OnnxHandle(ModelHandle):
     def session(self) -> Any:
         """A cached onnxruntime session running the graph as written (ORT_DISABLE_ALL)."""
         if self._session is None:
-            self._session = make_session(self.model, source=str(self.path))
+            self._session = make_session(self.model, source=str(self.path), weights=self.weights)
         return self._session
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -78,13 +81,20 @@ class OnnxHandle(ModelHandle):
     def prepare(self) -> None:
         self.session()
 
+    def release(self) -> None:
+        """Drop the cached sessions, and with them the weight arrays and the packed weights
+        onnxruntime made for them: a later run builds them again."""
+        self._session = self._optimized = None
+
     def run_reference(self, feeds: dict[str, np.ndarray]) -> tuple[list[np.ndarray], str]:
         """All outputs from a second, cached session with onnxruntime's graph optimizations on
         (ORT_ENABLE_ALL: Conv+BN fusion, reordered sums), for verification's noise yardstick."""
         from bncheck.interrupt import run_session
 
         if self._optimized is None:
-            self._optimized = make_session(self.model, optimize=True, source=str(self.path))
+            self._optimized = make_session(
+                self.model, optimize=True, source=str(self.path), weights=self.weights
+            )
         try:
             outputs = list(run_session(self._optimized, None, feeds))
         except Exception as exc:
@@ -97,7 +107,11 @@ class OnnxHandle(ModelHandle):
 
         model, steps = fold_model(self.index, affine=affine)
         handle = OnnxHandle(
-            self.path, model, input_shapes=self.input_shapes, external_data=self.external_data
+            self.path,
+            model,
+            input_shapes=self.input_shapes,
+            external_data=self.external_data,
+            weights=self.weights,  # the weights the fold left as they were: one array each
         )
         return handle, steps
 

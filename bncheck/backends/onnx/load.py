@@ -5,7 +5,9 @@ The rules (DESIGN.md, security): an external-data ``location`` must be a relativ
 after resolving symlinks, lies inside the model's folder; the file must exist, be a regular
 file with a single hard link (onnxruntime follows hard links that onnx refuses), and hold
 ``offset + length`` bytes. Declared tensor sizes are checked against a cap and against the
-bytes actually stored, so a small file cannot make us allocate gigabytes.
+bytes actually stored, so a small file cannot make us allocate gigabytes (the large
+initializers of the main graph are counted from the file's size when it matches:
+``encoding._sizes_as_declared``).
 """
 
 from __future__ import annotations
@@ -16,9 +18,15 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import onnx
-from google.protobuf.message import Message
 from onnx import AttributeProto, GraphProto, ModelProto, TensorProto
 
+from bncheck.backends.onnx.encoding import (
+    _element_bytes,
+    _sizes_as_declared,
+    _stub_bytes,
+    checker_view,
+    serialized_size,
+)
 from bncheck.backends.onnx.graph import (
     constant_tensor,
     iter_graphs,
@@ -40,26 +48,6 @@ __all__ = [
 MAX_ELEMENTS = 2**31
 #: protobuf cannot serialize or parse a message at or above 2 GiB.
 MAX_PROTO_BYTES = 2**31 - 1
-
-# Sub-byte types are packed: bits per element.
-_PACKED_BITS = {
-    getattr(TensorProto, n): bits
-    for n, bits in (("INT4", 4), ("UINT4", 4), ("FLOAT4E2M1", 4), ("INT2", 2), ("UINT2", 2))
-    if hasattr(TensorProto, n)
-}
-
-
-def _element_bytes(t: TensorProto, n: int) -> int | None:
-    """Bytes ``n`` elements of ``t``'s type take in raw_data; None when not fixed (strings)."""
-    if t.data_type in _PACKED_BITS:
-        return (n * _PACKED_BITS[t.data_type] + 7) // 8
-    if t.data_type in (TensorProto.STRING, TensorProto.UNDEFINED):
-        return None
-    try:
-        itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-    except (KeyError, TypeError, ValueError):
-        return None
-    return n * itemsize
 
 
 def _attr_tensors(attrs: Iterator[AttributeProto] | list[AttributeProto]) -> Iterator[TensorProto]:
@@ -174,8 +162,11 @@ class _ExternalFiles:
         self._open.clear()
 
 
-def _check_tensor(t: TensorProto, path: Path, files: _ExternalFiles) -> None:
-    """Declared size sane, stored bytes consistent, external reference safe (no reads)."""
+def _check_tensor(
+    t: TensorProto, path: Path, files: _ExternalFiles, *, counted: bool = False
+) -> None:
+    """Declared size sane, stored bytes consistent, external reference safe (no reads).
+    ``counted``: its raw bytes were found to match its dims by :func:`_sizes_as_declared`."""
     name = t.name or "<unnamed>"
     n = 1
     for d in t.dims:
@@ -214,8 +205,8 @@ def _check_tensor(t: TensorProto, path: Path, files: _ExternalFiles) -> None:
                 f"{path}: tensor '{name}' declares {expected} bytes but its external data "
                 f"holds {stored}"
             )
-    elif expected is not None and t.HasField("raw_data"):
-        got = len(t.raw_data)
+    elif expected is not None and t.HasField("raw_data") and not counted:
+        got = len(t.raw_data)  # a copy of the bytes: upb has no length accessor
         if got != expected:
             raise InputError(f"{path}: tensor '{name}' declares {expected} bytes but stores {got}")
 
@@ -279,74 +270,12 @@ def _check_constant_of_shape(model: ModelProto, path: Path) -> None:
                 )
 
 
-# A top-level initializer above this many bytes reaches the checker as a one-element stub.
-_STUB_ABOVE_BYTES = 4096
-_TYPED_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "double_data",
-                 "uint64_data", "external_data")  # fmt: skip
-
-
-def _copy_fields(src: Message, dst: Message, skip: str) -> None:
-    for fd, value in src.ListFields():
-        if fd.name == skip:
-            continue
-        if fd.is_repeated:
-            getattr(dst, fd.name).extend(value)
-        elif fd.message_type is not None:
-            getattr(dst, fd.name).CopyFrom(value)
-        else:
-            setattr(dst, fd.name, value)
-
-
-def _stub_bytes(t: TensorProto) -> int | None:
-    """Bytes of one element when ``t`` holds only raw data larger than the stub limit (read
-    from its dims and type: touching ``raw_data`` would copy the whole buffer)."""
-    if (
-        t.data_type in _PACKED_BITS
-        or not t.HasField("raw_data")
-        or t.data_location != TensorProto.DEFAULT
-        or t.HasField("segment")
-        or any(len(getattr(t, f)) for f in _TYPED_FIELDS)
-    ):
+def _stat(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
         return None
-    itemsize = _element_bytes(t, 1)
-    if not itemsize or itemsize * tensor_element_count(t) <= _STUB_ABOVE_BYTES:
-        return None
-    return itemsize
-
-
-def checker_view(model: ModelProto) -> ModelProto:
-    """``model`` for ``onnx.checker``, with each large top-level initializer replaced by a
-    one-element tensor of the same name and type.
-
-    The checker serializes the whole model (a full copy of every weight, plus onnx's size
-    check: most of the time ``inspect`` took on a 100 MB model) but, of a plain raw-data
-    tensor, only checks that its bytes match its dims — which ``_check_tensor`` has already
-    checked for every tensor. Everything else it checks (nodes, names, types, opsets,
-    functions, subgraphs) is kept."""
-    view = ModelProto()
-    _copy_fields(model, view, skip="graph")
-    _copy_fields(model.graph, view.graph, skip="initializer")
-    for t in model.graph.initializer:
-        itemsize = _stub_bytes(t)
-        if itemsize is None:
-            view.graph.initializer.append(t)
-            continue
-        stub = view.graph.initializer.add()
-        stub.name, stub.data_type = t.name, t.data_type
-        stub.dims.append(1)
-        stub.raw_data = bytes(itemsize)
-    return view
-
-
-def serialized_size(model: ModelProto) -> int:
-    """``model.ByteSize()`` to within a few bytes per tensor, without encoding every weight
-    (protobuf's ByteSize serializes the whole message: seconds for a 500 MB model): the
-    checker view's size plus the declared bytes of the tensors it stubs."""
-    size = checker_view(model).ByteSize()
-    for t in model.graph.initializer:
-        if _stub_bytes(t) is not None:
-            size += _element_bytes(t, tensor_element_count(t)) or 0
-    return size
+    return st.st_size, st.st_mtime_ns
 
 
 def load_model(path: Path) -> tuple[ModelProto, bool]:
@@ -357,6 +286,7 @@ def load_model(path: Path) -> tuple[ModelProto, bool]:
     """
     from google.protobuf.message import DecodeError
 
+    before = _stat(path)
     try:
         model = onnx.load(str(path), load_external_data=False)
     except DecodeError as exc:
@@ -383,11 +313,17 @@ def load_model(path: Path) -> tuple[ModelProto, bool]:
             "upgrade onnx and onnxruntime"
         )
 
+    # The file read is the file stat'ed (same size and time before and after the read).
+    read = before if before is not None and before == _stat(path) else None
+    counted = read is not None and _sizes_as_declared(model, read[0])
+    top = len(model.graph.initializer)  # iter_tensors yields them first
     files = _ExternalFiles(path)
     try:
         tensors = list(iter_tensors(model))
-        for t in tensors:
-            _check_tensor(t, path, files)
+        for i, t in enumerate(tensors):
+            _check_tensor(
+                t, path, files, counted=counted and i < top and _stub_bytes(t) is not None
+            )
         external = [t for t in tensors if t.data_location == TensorProto.EXTERNAL]
         for t in external:
             _read_external(t, files)

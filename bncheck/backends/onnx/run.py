@@ -1,28 +1,62 @@
-"""onnxruntime sessions (quiet, errors turned into ours) and atomic ONNX writes."""
+"""onnxruntime sessions (quiet, errors turned into ours, large weights shared from memory) and
+atomic ONNX writes."""
 
 from __future__ import annotations
 
 import os
 import re
 import secrets
+import sys
 import tempfile
+import weakref
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 from onnx import ModelProto, TensorProto
 
 from bncheck.atomic import as_new_file, temp_beside
+from bncheck.backends.onnx.encoding import _TYPED_FIELDS, _copy_fields
 from bncheck.backends.onnx.load import iter_tensors, serialized_size
 from bncheck.errors import InputError, one_line
 
-__all__ = ["EXTERNAL_DATA_THRESHOLD", "make_session", "ort_message", "save_onnx"]
+__all__ = [
+    "EXTERNAL_DATA_THRESHOLD",
+    "SHARED_MIN_BYTES",
+    "SharedWeights",
+    "make_session",
+    "ort_message",
+    "save_onnx",
+]
 
 #: Serialized size (bytes) above which a model is written with external data: protobuf
 #: cannot serialize 2 GiB, and the copy made to serialize must stay well under it.
 EXTERNAL_DATA_THRESHOLD = 2_000_000_000
 #: Tensors at least this large (bytes) go to the external data file.
 EXTERNAL_TENSOR_MIN_BYTES = 1024
+#: Initializers at least this large (bytes) reach a session built with :class:`SharedWeights`
+#: from memory: smaller ones cost less to serialize than to set up.
+SHARED_MIN_BYTES = 1 << 20
+
+# Element types whose raw bytes are a native little-endian numpy array onnxruntime takes as is.
+_SHAREABLE = {
+    TensorProto.FLOAT: np.float32,
+    TensorProto.DOUBLE: np.float64,
+    TensorProto.FLOAT16: np.float16,
+    TensorProto.INT8: np.int8,
+    TensorProto.UINT8: np.uint8,
+    TensorProto.INT16: np.int16,
+    TensorProto.UINT16: np.uint16,
+    TensorProto.INT32: np.int32,
+    TensorProto.UINT32: np.uint32,
+    TensorProto.INT64: np.int64,
+    TensorProto.UINT64: np.uint64,
+    TensorProto.BOOL: np.bool_,
+}
+# Where every placeholder's data lies: an empty file, so a placeholder read by mistake fails the
+# load (past the end of the file) instead of reading as zeros.
+_PLACEHOLDER_FILE = "bncheck-placeholder.bin"
 
 _ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*\w+\s*:\s*")
 # "/onnxruntime_src/…/reshape_helper.h:84 " at the start or after "Status Message: ".
@@ -52,6 +86,95 @@ def ort_message(exc: BaseException) -> str:
     return text
 
 
+class SharedWeights:
+    """Large initializers as numpy arrays, given to onnxruntime from memory: a pool that the
+    sessions of a model and of its folded copy share.
+
+    A session built with it (:func:`make_session`) receives the model with each initializer of
+    at least ``min_bytes`` replaced by a placeholder (external data in an empty file), and the
+    array itself through ``SessionOptions.add_initializer``, which onnxruntime uses in place
+    (no copy; the array is C-contiguous in the tensor's own dtype and outlives the session).
+    So no serialized copy of the whole model is made and parsed again, onnxruntime holds no
+    copy of those weights, and a weight the fold left as it was (same name and an equal
+    TensorProto: dims, type and bytes) is one array for both sessions. ``min_bytes`` (default
+    :data:`SHARED_MIN_BYTES`, read when the pool is made) lets a small model take this path.
+
+    The pool holds an array only while a session uses it (the sessions keep them alive), so
+    dropping the sessions frees the memory. Like a cached session, an array assumes that the
+    model it was made from is not changed in place once its session is built.
+    """
+
+    def __init__(self, min_bytes: int | None = None) -> None:
+        self.min_bytes = int(SHARED_MIN_BYTES if min_bytes is None else min_bytes)
+        # name → (the TensorProto the array was made from, the array while a session holds it)
+        self._entries: dict[str, tuple[TensorProto, weakref.ref[np.ndarray]]] = {}
+
+    def __len__(self) -> int:
+        """How many arrays the pool holds now."""
+        return sum(1 for _, ref in self._entries.values() if ref() is not None)
+
+    def takes(self, t: TensorProto) -> bool:
+        """``t`` goes to a session from memory: plain little-endian raw data of a shareable
+        type, at least ``min_bytes`` long (its size read from dims and type, not its bytes)."""
+        dtype = _SHAREABLE.get(t.data_type)
+        if dtype is None or sys.byteorder != "little" or not t.name:
+            return False
+        if not t.HasField("raw_data") or t.data_location != TensorProto.DEFAULT:
+            return False
+        if t.HasField("segment") or any(len(getattr(t, f)) for f in _TYPED_FIELDS):
+            return False
+        n = 1
+        for d in t.dims:
+            n *= int(d)
+        return n * np.dtype(dtype).itemsize >= max(self.min_bytes, 1)
+
+    def array(self, t: TensorProto) -> np.ndarray:
+        """``t``'s value: the pool's array when it holds one made from an equal TensorProto
+        (protobuf compares the bytes without copying them), else a new one (one copy of the
+        bytes, read-only) that the pool keeps."""
+        hit = self._entries.get(t.name)
+        arr = None if hit is None else hit[1]()
+        if arr is not None and (hit[0] is t or hit[0] == t):
+            return arr
+        # reshape raises ValueError on bytes that do not fill the dims exactly
+        arr = np.frombuffer(t.raw_data, dtype=_SHAREABLE[t.data_type]).reshape(tuple(t.dims))
+        self._entries[t.name] = (
+            t,
+            weakref.ref(arr, lambda ref, name=t.name: self._drop(name, ref)),
+        )
+        return arr
+
+    def _drop(self, name: str, ref: weakref.ref[np.ndarray]) -> None:
+        # the array is gone: forget the TensorProto too (it keeps its whole model alive)
+        if name in self._entries and self._entries[name][1] is ref:
+            del self._entries[name]
+
+    def skeleton(self, model: ModelProto) -> tuple[ModelProto, dict[str, np.ndarray]]:
+        """``model`` with every initializer the pool takes replaced by a placeholder (name,
+        type, dims, and its bytes as external data in :data:`_PLACEHOLDER_FILE`), and their
+        values by name. Initializers that are also graph inputs (a caller could override
+        them) stay as they are."""
+        inputs = {i.name for i in model.graph.input}
+        sk = ModelProto()
+        _copy_fields(model, sk, skip="graph")
+        _copy_fields(model.graph, sk.graph, skip="initializer")
+        values: dict[str, np.ndarray] = {}
+        for t in model.graph.initializer:
+            if t.name in inputs or t.name in values or not self.takes(t):
+                sk.graph.initializer.append(t)
+                continue
+            arr = self.array(t)
+            values[t.name] = arr
+            p = sk.graph.initializer.add()
+            p.name, p.data_type = t.name, t.data_type
+            p.dims.extend(t.dims)
+            p.data_location = TensorProto.EXTERNAL
+            for key, value in (("location", _PLACEHOLDER_FILE), ("length", str(arr.nbytes))):
+                entry = p.external_data.add()
+                entry.key, entry.value = key, value
+        return sk, values
+
+
 def make_session(
     model: ModelProto,
     *,
@@ -59,13 +182,21 @@ def make_session(
     providers: list[str] | None = None,
     threads: int | None = None,
     source: str | None = None,
+    weights: SharedWeights | None = None,
 ) -> Any:
     """An ``onnxruntime.InferenceSession`` for ``model``.
 
     Graph optimizations are off (``ORT_DISABLE_ALL``) unless ``optimize``: equivalence checks
-    must run the graph as written, not one onnxruntime has fused itself. Models too large for
-    one protobuf message go through a temporary file with external data, kept alive with the
-    session. ``source`` names the model in error messages.
+    must run the graph as written, not one onnxruntime has fused itself. With ``weights``
+    (CPU only) the large initializers come from that pool's arrays (:class:`SharedWeights`):
+    used in place by a session of the graph as written; copied into the graph before the
+    optimizers run by an optimized one (they read initializers from the model, where a
+    placeholder would read as zeros). Either computes bit for bit what a session of the
+    whole model computes. onnxruntime still prepacks each session's MatMul/Gemm weights
+    (a packed copy per session: 2×490 MB for VGG-11's FC layers): without, its runs are
+    ~10% slower and the time-budgeted verification runs fewer samples. Other models too large
+    for one protobuf message go through a temporary file with external data, kept alive with
+    the session. ``source`` names the model in error messages.
     """
     import onnxruntime as ort
 
@@ -73,16 +204,6 @@ def make_session(
     # the one line bncheck reports for it.
     ort.set_default_logger_severity(4)
     who = source or "model"
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 4
-    opts.graph_optimization_level = (
-        ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if optimize
-        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    )
-    if threads:
-        opts.intra_op_num_threads = int(threads)
-        opts.inter_op_num_threads = 1
     providers = list(providers or ["CPUExecutionProvider"])
     available = ort.get_available_providers()
     missing = [p for p in providers if p not in available]
@@ -91,9 +212,18 @@ def make_session(
             f"{who}: onnxruntime has no {', '.join(missing)} here "
             f"(available: {', '.join(available)})"
         )
+    session = None
+    if weights is not None and providers == ["CPUExecutionProvider"]:
+        try:
+            session = _shared_session(model, _options(optimize, threads), weights, copied=optimize)
+        except Exception:  # an onnxruntime that refuses the placeholders, or the model's own
+            session = None  # error: loading the whole model says which, in its own words
+    if session is not None:
+        return session
+    opts = _options(optimize, threads)
     tmp = None
     try:
-        if model.ByteSize() > EXTERNAL_DATA_THRESHOLD:
+        if serialized_size(model) > EXTERNAL_DATA_THRESHOLD:
             tmp = tempfile.TemporaryDirectory(prefix="bncheck-ort-")
             file = Path(tmp.name) / "model.onnx"
             save_onnx(model, file, external_data=True)
@@ -107,6 +237,66 @@ def make_session(
         if tmp is not None:
             tmp.cleanup()
         raise InputError(f"{who}: onnxruntime cannot load it: {ort_message(exc)}") from None
+    return session
+
+
+def _options(optimize: bool, threads: int | None) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 4
+    opts.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if optimize
+        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    if threads:
+        opts.intra_op_num_threads = int(threads)
+        opts.inter_op_num_threads = 1
+    return opts
+
+
+def _shared_session(
+    model: ModelProto, opts: Any, weights: SharedWeights, *, copied: bool = False
+) -> Any:
+    """A CPU session of ``model`` whose large initializers come from ``weights``' arrays; None
+    when it has none, or when the rest alone is too large for one protobuf message.
+
+    Every placeholder in the skeleton has its array added by name (``add_initializer``), so
+    onnxruntime reads none of them; the placeholder file beside the skeleton's only has to
+    exist for onnxruntime's external-data checks, and is empty: a placeholder left without its
+    array fails the load (its bytes lie past the end of the file), it cannot read as zeros.
+    The session keeps the arrays, their OrtValues and the folder alive: onnxruntime uses the
+    arrays' memory while it runs.
+
+    ``copied`` (an optimized session): onnxruntime copies each array into the graph before
+    its optimizers run (``add_external_initializers``), so they read the real weights; here
+    no placeholder file exists at all.
+    """
+    import onnxruntime as ort
+
+    sk, values = weights.skeleton(model)
+    if not values or serialized_size(sk) > EXTERNAL_DATA_THRESHOLD:
+        return None  # nothing to share, or too many small tensors: the whole model it is
+    tmp = tempfile.TemporaryDirectory(prefix="bncheck-ort-")
+    folder = Path(tmp.name)
+    try:
+        (folder / "model.onnx").write_bytes(sk.SerializeToString())
+        kept = {name: ort.OrtValue.ortvalue_from_numpy(arr) for name, arr in values.items()}
+        if copied:
+            opts.add_external_initializers(list(kept), list(kept.values()))
+        else:
+            (folder / _PLACEHOLDER_FILE).write_bytes(b"")
+            for name, value in kept.items():
+                opts.add_initializer(name, value)
+        session = ort.InferenceSession(
+            str(folder / "model.onnx"), opts, providers=["CPUExecutionProvider"]
+        )
+    except BaseException:
+        tmp.cleanup()
+        raise
+    session._bncheck_tmpdir = tmp
+    session._bncheck_weights = ({}, {}) if copied else (values, kept)
     return session
 
 

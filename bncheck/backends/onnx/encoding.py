@@ -1,0 +1,165 @@
+"""Sizes of ONNX tensors and models read without encoding their weights.
+
+protobuf (upb) has no length accessor for a bytes field: reading ``raw_data`` copies it, and
+``ByteSize`` encodes the whole message (seconds for a 500 MB model). What ``load`` checks and
+``run`` decides by size is computed here from dims and types instead.
+"""
+
+from __future__ import annotations
+
+import onnx
+from google.protobuf.message import Message
+from onnx import GraphProto, ModelProto, TensorProto
+
+from bncheck.backends.onnx.graph import tensor_element_count
+
+# Sub-byte types are packed: bits per element.
+_PACKED_BITS = {
+    getattr(TensorProto, n): bits
+    for n, bits in (("INT4", 4), ("UINT4", 4), ("FLOAT4E2M1", 4), ("INT2", 2), ("UINT2", 2))
+    if hasattr(TensorProto, n)
+}
+
+
+def _element_bytes(t: TensorProto, n: int) -> int | None:
+    """Bytes ``n`` elements of ``t``'s type take in raw_data; None when not fixed (strings)."""
+    if t.data_type in _PACKED_BITS:
+        return (n * _PACKED_BITS[t.data_type] + 7) // 8
+    if t.data_type in (TensorProto.STRING, TensorProto.UNDEFINED):
+        return None
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    except (KeyError, TypeError, ValueError):
+        return None
+    return n * itemsize
+
+
+# A top-level initializer above this many bytes reaches the checker as a one-element stub.
+_STUB_ABOVE_BYTES = 4096
+_TYPED_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "double_data",
+                 "uint64_data", "external_data")  # fmt: skip
+
+
+def _copy_fields(src: Message, dst: Message, skip: str) -> None:
+    for fd, value in src.ListFields():
+        if fd.name == skip:
+            continue
+        if fd.is_repeated:
+            getattr(dst, fd.name).extend(value)
+        elif fd.message_type is not None:
+            getattr(dst, fd.name).CopyFrom(value)
+        else:
+            setattr(dst, fd.name, value)
+
+
+def _stub_bytes(t: TensorProto) -> int | None:
+    """Bytes of one element when ``t`` holds only raw data larger than the stub limit (read
+    from its dims and type: touching ``raw_data`` would copy the whole buffer)."""
+    if (
+        t.data_type in _PACKED_BITS
+        or not t.HasField("raw_data")
+        or t.data_location != TensorProto.DEFAULT
+        or t.HasField("segment")
+        or any(len(getattr(t, f)) for f in _TYPED_FIELDS)
+    ):
+        return None
+    itemsize = _element_bytes(t, 1)
+    if not itemsize or itemsize * tensor_element_count(t) <= _STUB_ABOVE_BYTES:
+        return None
+    return itemsize
+
+
+def checker_view(model: ModelProto) -> ModelProto:
+    """``model`` for ``onnx.checker``, with each large top-level initializer replaced by a
+    one-element tensor of the same name and type.
+
+    The checker serializes the whole model (a full copy of every weight, plus onnx's size
+    check: most of the time ``inspect`` took on a 100 MB model) but, of a plain raw-data
+    tensor, only checks that its bytes match its dims — which loading has already checked for
+    every tensor (``load._check_tensor``; for these, the file's size may stand in:
+    :func:`_sizes_as_declared`). Everything else it checks (nodes, names, types, opsets,
+    functions, subgraphs) is kept."""
+    view = ModelProto()
+    _copy_fields(model, view, skip="graph")
+    _copy_fields(model.graph, view.graph, skip="initializer")
+    for t in model.graph.initializer:
+        itemsize = _stub_bytes(t)
+        if itemsize is None:
+            view.graph.initializer.append(t)
+            continue
+        stub = view.graph.initializer.add()
+        stub.name, stub.data_type = t.name, t.data_type
+        stub.dims.append(1)
+        stub.raw_data = bytes(itemsize)
+    return view
+
+
+def serialized_size(model: ModelProto) -> int:
+    """``model.ByteSize()`` to within a few bytes per tensor, without encoding every weight
+    (protobuf's ByteSize serializes the whole message: seconds for a 500 MB model): the
+    checker view's size plus the declared bytes of the tensors it stubs."""
+    size = checker_view(model).ByteSize()
+    for t in model.graph.initializer:
+        if _stub_bytes(t) is not None:
+            size += _element_bytes(t, tensor_element_count(t)) or 0
+    return size
+
+
+def _vlen(n: int) -> int:
+    """Bytes of ``n`` as a protobuf varint."""
+    return max(1, (n.bit_length() + 6) // 7)
+
+
+def _field_bytes(number: int, size: int) -> int:
+    """Bytes of a length-delimited field: tag, length, payload."""
+    return _vlen(number << 3) + _vlen(size) + size
+
+
+def _copy_all_but_raw(src: TensorProto, dst: TensorProto) -> None:
+    # ListFields would hand raw_data over as a copy of its bytes: ask field by field instead
+    for fd in TensorProto.DESCRIPTOR.fields:
+        if fd.name == "raw_data":
+            continue
+        if fd.is_repeated:
+            if len(getattr(src, fd.name)):
+                getattr(dst, fd.name).extend(getattr(src, fd.name))
+        elif src.HasField(fd.name):
+            if fd.message_type is not None:
+                getattr(dst, fd.name).CopyFrom(getattr(src, fd.name))
+            else:
+                setattr(dst, fd.name, getattr(src, fd.name))
+
+
+def _sizes_as_declared(model: ModelProto, file_size: int) -> bool:
+    """Whether the large raw-data initializers of the main graph (those :func:`checker_view`
+    stubs) hold, together, exactly the bytes their dims and types declare: the model, encoded
+    with each of them holding its declared bytes, is as long as the file it was read from.
+
+    Reading ``raw_data`` copies it (0.8 s for a 500 MB model), the tensors' sizes do not: each
+    tensor is encoded without its bytes, and its ``raw_data`` field, the initializer's and
+    the graph's length prefixes are added by arithmetic. A file encoded other than the way
+    protobuf writes it (packed dims, say) does not match, and its tensors are then counted
+    one by one. Equal totals from a tensor that stores more than it declares and one that
+    stores less reach later readers, which refuse such a tensor (:meth:`GraphIndex.const`)."""
+    if not any(_stub_bytes(t) is not None for t in model.graph.initializer):
+        return False  # nothing to count (weights held in Constant nodes, say): skip the work
+    raw = TensorProto.DESCRIPTOR.fields_by_name["raw_data"].number
+    init = GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
+    graph = ModelProto.DESCRIPTOR.fields_by_name["graph"].number
+    view = ModelProto()
+    _copy_fields(model, view, skip="graph")
+    _copy_fields(model.graph, view.graph, skip="initializer")
+    grow = 0
+    for t in model.graph.initializer:
+        if _stub_bytes(t) is None:
+            view.graph.initializer.append(t)
+            continue
+        bare = view.graph.initializer.add()
+        _copy_all_but_raw(t, bare)
+        size = bare.ByteSize()
+        declared = _element_bytes(t, tensor_element_count(t)) or 0
+        full = size + _field_bytes(raw, declared)
+        grow += _field_bytes(init, full) - _field_bytes(init, size)
+    g = view.graph.ByteSize()
+    total = view.ByteSize() - _field_bytes(graph, g) + _field_bytes(graph, g + grow)
+    return total == file_size
