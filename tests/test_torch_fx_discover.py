@@ -235,6 +235,47 @@ class Heads(nn.Module):
         return {"a": self.bn_out(y), "b": self.bn_batch(y).sigmoid()}
 
 
+class CrepeLike(nn.Module):
+    """torchcrepe's CREPE: audio (N, L) indexed to (N, 1, L, 1), explicit F.pad before each
+    unpadded conv, F.relu before the BN, F.max_pool2d, a permute/reshape head; `forward` takes
+    a flag with a default that export and fx both leave at its default."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv1_BN = nn.Conv2d(1, 8, (16, 1), (4, 1)), nn.BatchNorm2d(8, 1e-3, 0.0)
+        self.conv2, self.conv2_BN = nn.Conv2d(8, 4, (8, 1)), nn.BatchNorm2d(4, 1e-3, 0.0)
+        self.classifier = nn.Linear(4 * 4, 6)
+
+    def forward(self, x: torch.Tensor, embed: bool = False) -> torch.Tensor:
+        x = x[:, None, :, None]
+        x = self.layer(x, self.conv1, self.conv1_BN, (0, 0, 6, 6))
+        x = self.layer(x, self.conv2, self.conv2_BN, (0, 0, 3, 4))
+        if embed:
+            return x
+        return torch.sigmoid(self.classifier(x.permute(0, 2, 1, 3).reshape(-1, 16)))
+
+    def layer(self, x, conv, bn, padding):
+        x = bn(F.relu(conv(F.pad(x, padding))))
+        return F.max_pool2d(x, (2, 1), (2, 1))
+
+
+class Sliced(nn.Module):
+    """Tensor indexing: a channel slice (export records a slice of the batch dim too), an
+    int index, an Ellipsis; and a functional Linear on the module's own weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.bn = nn.BatchNorm2d(4)
+        self.bn1d = nn.BatchNorm1d(4)
+        self.weight = nn.Parameter(torch.randn(4, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(self.conv(x)[:, :4])
+        z = F.linear(y[..., 0, :].mean(-1), self.weight)
+        return self.bn1d(z)[:, 1:]
+
+
 # ------------------------------------------------------------------------------------ the tests
 
 
@@ -254,6 +295,8 @@ class Heads(nn.Module):
         (BeforeConv(), (1, 3, 8, 8)),
         (TimmLike(), (1, 3, 8, 8)),
         (Heads(), (1, 3, 4, 4)),
+        (CrepeLike(), (1, 256)),
+        (Sliced(), (1, 3, 4, 4)),
     ],
     ids=lambda v: type(v).__name__ if isinstance(v, nn.Module) else "",
 )
@@ -324,8 +367,8 @@ def test_export_answers_where_fx_cannot(model, shape, why):
         assert rep["notes"] and "fixes its batch size" in rep["notes"][0]
 
 
-class Sliced(nn.Module):
-    """Indexing a tensor (export records slice ops the fx tables do not model)."""
+class Split(nn.Module):
+    """``torch.split``: a multi-output op the fx tables do not model."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -333,13 +376,14 @@ class Sliced(nn.Module):
         self.bn = nn.BatchNorm2d(4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bn(self.conv(x)[:, :4])
+        a, b = torch.split(self.conv(x), 4, 1)
+        return self.bn(a) + b
 
 
 def test_ops_outside_the_tables_fall_back():
-    model = randomize_bn(Sliced().eval())
+    model = randomize_bn(Split().eval())
     h = TorchHandle(Path("m.pt"), "state_dict", model, input_shapes={"": (1, 3, 4, 4)})
-    assert lower(h)[1] == "not in the tables: function getitem"
+    assert lower(h)[1] == "not in the tables: call_function split"
     both(model, (1, 3, 4, 4), fast=False)
 
 

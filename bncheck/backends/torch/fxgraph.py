@@ -48,9 +48,11 @@ class _Val:
     """A traced value's shape and dtype, as export keeps them in ``node.meta["val"]``; a
     batch-sized dim is the string ``"s0"`` (export's symbol, read by ``_spec`` as ``batch``)."""
 
-    def __init__(self, shape: tuple[Any, ...], dtype: Any) -> None:
+    def __init__(self, shape: tuple[Any, ...], dtype: Any, free: tuple[bool, ...] = ()) -> None:
         self.shape = shape
         self.dtype = dtype
+        self.free = free  # per dim: its size follows the batch (export's size is symbolic)
+        self.sizes: tuple[int, ...] = ()  # the sizes at the example's batch
 
     def dim(self) -> int:
         return len(self.shape)
@@ -149,6 +151,8 @@ def _function_table() -> dict[Any, tuple[str, int | None]]:
         F.leaky_relu: ("leaky_relu", 2), F.elu: ("elu", 2), F.hardtanh: ("hardtanh", 3),
         F.softmax: ("softmax", None), F.adaptive_avg_pool2d: ("adaptive_avg_pool2d", None),
         F.avg_pool2d: ("avg_pool2d", None), F.pad: ("pad", None),
+        F.max_pool1d: ("max_pool1d", None), F.max_pool2d: ("max_pool2d", None),
+        F.avg_pool1d: ("avg_pool1d", None), F.adaptive_avg_pool1d: ("adaptive_avg_pool1d", None),
     }  # fmt: skip
     return table
 
@@ -180,6 +184,7 @@ class _Lowering:
         self.bn_paths = {n for n, m in root.named_modules() if _is_batchnorm(m)}
         self.bn_calls: set[str] = set()
         self.functions = _function_table()
+        self.weighted = _weighted_functions()
         sig = SimpleNamespace(
             inputs_to_parameters={},
             inputs_to_buffers={},
@@ -204,7 +209,9 @@ class _Lowering:
 
     def run(self) -> FxProgram:
         for node in self.gm.graph.nodes:
-            if node.op == "placeholder":
+            if node.op == "placeholder" and isinstance(self.vals.get(node), _Const):
+                self.env[node] = self.vals[node].value  # an argument left at its default
+            elif node.op == "placeholder":
                 ph = self.graph.placeholder(node.target)
                 ph.name = node.target  # fx would rename a builtin's name (`input`); export not
                 ph.meta["val"] = self.vals[node]
@@ -269,8 +276,15 @@ class _Lowering:
             stack[key] = (path, cls)
         return stack
 
-    def _emit(self, node: Any, op: str, args: tuple[Any, ...], stack: dict[str, Any]) -> Any:
-        new = self.graph.create_node("call_function", _aten(op), args, {}, name=op)
+    def _emit(
+        self,
+        node: Any,
+        op: str,
+        args: tuple[Any, ...],
+        stack: dict[str, Any],
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        new = self.graph.create_node("call_function", _aten(op), args, kwargs or {}, name=op)
         new.meta["nn_module_stack"] = stack
         if node in self.vals:
             new.meta["val"] = self.vals[node]
@@ -353,6 +367,14 @@ class _Lowering:
             return self._emit(node, _upsample(mode, size, scale), self._flat_args(node), stack)
         if target is F.batch_norm:
             return self._batch_norm(node, stack)
+        if target is operator.getitem:
+            return self._index(node, stack)
+        if _hashable(target) and target in self.weighted:
+            # F.linear / F.conv2d on the module's own tensors (get_attr → its placeholder);
+            # their arguments share the names of the aten op's schema, which discovery reads
+            args = tuple(self._arg(a) for a in node.args)
+            kwargs = {k: self._arg(v) for k, v in node.kwargs.items()}
+            return self._emit(node, target.__name__, args, stack, kwargs)
         if _is_stochastic_depth(target):
             training = node.kwargs.get("training", node.args[3] if len(node.args) > 3 else True)
             if training is not False:
@@ -374,6 +396,41 @@ class _Lowering:
                 raise _Ambiguous("inplace flag")
             op += "_" if inplace else ""
         return self._emit(node, op, self._flat_args(node), stack)
+
+    def _index(self, node: Any, stack: dict[str, Any]) -> Any:
+        """``x[...]`` on a tensor as export records it, left to right: ``slice`` for a
+        slice (none where it keeps a fixed-size dim whole), ``select`` for an int,
+        ``unsqueeze`` for None, nothing for the dims an Ellipsis spans."""
+        src, index = node.args
+        val = self.vals.get(src)
+        if not isinstance(val, _Val):
+            raise _Ambiguous("getitem of a non-tensor")
+        items = index if isinstance(index, tuple) else (index,)
+        if sum(1 for i in items if i is Ellipsis) > 1:
+            raise _Ambiguous("getitem: two ellipses")
+        x = self._arg(src)
+        real = sum(1 for i in items if i is not None and i is not Ellipsis)
+        d = s = 0  # the dim in the result so far, the dim of the source
+        for item in items:
+            if item is Ellipsis:
+                d, s = d + val.dim() - real, s + val.dim() - real
+            elif item is None:
+                x = self._emit(node, "unsqueeze", (x, d), stack)
+                d += 1
+            elif isinstance(item, int) and not isinstance(item, bool):
+                x = self._emit(node, "select", (x, d, item), stack)
+                s += 1
+            elif isinstance(item, slice) and all(
+                v is None or (isinstance(v, int) and not isinstance(v, bool))
+                for v in (item.start, item.stop, item.step)
+            ):
+                whole = item.indices(val.sizes[s]) == (0, val.sizes[s], 1)
+                if val.free[s] or not whole:
+                    x = self._emit(node, "slice", (x, d, item.start, item.stop), stack)
+                d, s = d + 1, s + 1
+            else:
+                raise _Ambiguous(f"getitem with {type(item).__name__}")
+        return x
 
     def _batch_norm(self, node: Any, stack: dict[str, Any]) -> Any:
         # F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
@@ -435,6 +492,12 @@ class _Lowering:
         return tuple(self._arg(a) for a in (*node.args, *node.kwargs.values()))
 
 
+def _weighted_functions() -> set[Any]:
+    import torch.nn.functional as F
+
+    return {F.linear, F.conv1d, F.conv2d, F.conv3d}
+
+
 def _is_batchnorm(m: Any) -> bool:
     from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -488,11 +551,21 @@ def _eligible(handle: Any) -> dict[str, Any] | None:
     (x,) = example.values()
     if not hasattr(x, "dim") or x.dim() == 0 or not x.is_floating_point():
         return None
-    params = inspect.signature(handle.module.forward).parameters.values()
-    names = [p.name for p in params]
-    if names != list(example) or any(p.kind != p.POSITIONAL_OR_KEYWORD for p in params):
+    params = list(inspect.signature(handle.module.forward).parameters.values())
+    if [p.name for p in params[: len(example)]] != list(example) or any(
+        p.kind != p.POSITIONAL_OR_KEYWORD for p in params
+    ):
+        return None
+    # the other arguments keep their defaults, as in export: fx traces them as such constants
+    rest = params[len(example) :]
+    if any(p.default is p.empty or not isinstance(p.default, (bool, int, float)) for p in rest):
         return None
     return example
+
+
+def _defaults(module: Any, example: dict[str, Any]) -> dict[str, Any]:
+    params = inspect.signature(module.forward).parameters.values()
+    return {p.name: p.default for p in params if p.name not in example}
 
 
 def _odd_module(module: Any) -> str | None:
@@ -521,7 +594,7 @@ def _odd_module(module: Any) -> str | None:
     return None
 
 
-def _trace(module: Any) -> Any:
+def _trace(module: Any, concrete: dict[str, Any]) -> Any:
     """``torch.fx.symbolic_trace``, keeping ``x += y`` in place: fx's Proxy has no ``__iadd__``,
     so Python records ``x = x + y`` (``add``), while export records the in-place ``add_``."""
     import torch
@@ -537,7 +610,7 @@ def _trace(module: Any) -> Any:
             return InplaceProxy(node, self)
 
     tracer = Tracer()
-    graph = tracer.trace(module)
+    graph = tracer.trace(module, concrete_args=concrete or None)
     return torch.fx.GraphModule(tracer.root, graph, type(module).__name__)
 
 
@@ -595,7 +668,7 @@ def lower(handle: Any) -> tuple[FxProgram | None, str | None]:
     one_more = torch.cat([batched, batched[:1]])
     try:
         with quiet_torch():
-            gm = _trace(work)
+            gm = _trace(work, _defaults(handle.module, example))
             at_b = _propagate(gm, batched)
             at_b1 = _propagate(gm, one_more)
     except Exception as exc:
@@ -630,12 +703,14 @@ def _batch_values(gm: Any, at_b: dict[Any, Any], at_b1: dict[Any, Any]) -> dict[
         shape, dtype = got
         if not isinstance(other, tuple) or len(other[0]) != len(shape):
             return None
+        free = tuple(a != b for a, b in zip(shape, other[0], strict=True))
         if node.op == "placeholder" or node in outputs:
-            if shape[1:] != other[0][1:]:
+            if any(free[1:]):
                 return None
-            if shape and shape[0] != other[0][0]:
+            if free and free[0]:
                 shape = ("s0", *shape[1:])
-        vals[node] = _Val(shape, dtype)
+        vals[node] = _Val(shape, dtype, free)
+        vals[node].sizes = got[0]
     return vals
 
 
