@@ -426,3 +426,21 @@ def test_cli_inspect_of_a_state_dict_uses_fx_and_no_export_machinery(tmp_path):
     assert got["model"] == json.loads(json.dumps(want["model"]))
     assert got["bn_layers"] == json.loads(json.dumps(want["bn_layers"]))
     assert [f["code"] for f in got["findings"]] == [f["code"] for f in want["findings"]]
+
+
+class IdentityHead(nn.Module):
+    """The output is an earlier value passed through an Identity (timm's RepVGG head): its
+    batch dim is still the symbolic batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+        self.fc, self.drop = nn.Linear(4, 2), nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc(self.bn(self.conv(x)).mean((2, 3))))
+
+
+def test_an_output_through_an_identity_keeps_its_batch_dim():
+    rep = both(randomize_bn(IdentityHead().eval()), (1, 3, 4, 4), fast=True)
+    assert rep["model"]["outputs"][0]["shape"] == ["batch", 2]

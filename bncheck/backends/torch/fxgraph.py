@@ -704,12 +704,12 @@ def _batch_values(gm: Any, at_b: dict[Any, Any], at_b1: dict[Any, Any]) -> dict[
         if not isinstance(other, tuple) or len(other[0]) != len(shape):
             return None
         free = tuple(a != b for a, b in zip(shape, other[0], strict=True))
-        if node.op == "placeholder" or node in outputs:
-            if any(free[1:]):
-                return None
-            if free and free[0]:
-                shape = ("s0", *shape[1:])
-        vals[node] = _Val(shape, dtype, free)
+        if (node.op == "placeholder" or node in outputs) and any(free[1:]):
+            return None
+        # every value that follows the batch, not only the outputs: an output may be an
+        # earlier value passed through an op export records nothing for (Identity)
+        symbolic = tuple("s0" if f else n for n, f in zip(shape, free, strict=True))
+        vals[node] = _Val(symbolic, dtype, free)
         vals[node].sizes = got[0]
     return vals
 
