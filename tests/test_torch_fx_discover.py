@@ -444,3 +444,19 @@ class IdentityHead(nn.Module):
 def test_an_output_through_an_identity_keeps_its_batch_dim():
     rep = both(randomize_bn(IdentityHead().eval()), (1, 3, 4, 4), fast=True)
     assert rep["model"]["outputs"][0]["shape"] == ["batch", 2]
+
+
+def _double(module, args):
+    return (args[0] * 2,)
+
+
+def test_a_forward_hook_falls_back():
+    """A pre-forward hook on the BN scales its input: export records that op between the conv
+    and the BN; fx records the BN as one call and would not see it."""
+    model = randomize_bn(ConvBNReLU().eval())
+    model.bn1.register_forward_pre_hook(_double)
+    h = TorchHandle(Path("m.pt"), "state_dict", model)
+    assert lower(h)[1] == "bn1: a forward hook"
+    rep = both(model, None, fast=False)
+    # the hook's mul is the BN's input (named after the module it runs in): no fold
+    assert folds(rep)["bn1"][2].startswith("no producer with weights (input comes from bn1)")
