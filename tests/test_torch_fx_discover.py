@@ -276,6 +276,28 @@ class Sliced(nn.Module):
         return self.bn1d(z)[:, 1:]
 
 
+class Mixed(nn.Module):
+    """MixNet's mixed conv and Res2Net's split: `torch.split` by a list of sizes, a conv+BN per
+    part, concatenated, a BN after the concat; and `chunk` whose second part is unused."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList([nn.Conv2d(2, 2, 3, padding=1), nn.Conv2d(4, 4, 5, padding=2)])
+        self.bns = nn.ModuleList([nn.BatchNorm2d(2), nn.BatchNorm2d(4)])
+        self.bn_cat = nn.BatchNorm2d(6)
+        self.bn_half = nn.BatchNorm2d(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        parts = torch.split(x, [2, 4], dim=1)
+        # indexed, not zipped: fx cannot iterate the parts (MixNet indexes them too)
+        y = torch.cat([bn(conv(parts[i])) for i, (conv, bn) in enumerate(self.pairs())], 1)
+        a, _ = self.bn_cat(y).chunk(2, 1)
+        return self.bn_half(a)
+
+    def pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return list(zip(self.convs, self.bns, strict=True))
+
+
 # ------------------------------------------------------------------------------------ the tests
 
 
@@ -297,6 +319,7 @@ class Sliced(nn.Module):
         (Heads(), (1, 3, 4, 4)),
         (CrepeLike(), (1, 256)),
         (Sliced(), (1, 3, 4, 4)),
+        (Mixed(), (1, 6, 8, 8)),
     ],
     ids=lambda v: type(v).__name__ if isinstance(v, nn.Module) else "",
 )
@@ -334,6 +357,11 @@ def test_decisions_of_the_fast_path():
     f = folds(both(randomize_bn(TimmLike().eval()), (1, 3, 8, 8), fast=True))
     assert f["bn1"] == ("producer", "conv", None)
 
+    f = folds(both(randomize_bn(Mixed().eval()), (1, 6, 8, 8), fast=True))
+    assert f["bns.1"] == ("producer", "convs.1", None)
+    assert f["bn_cat"][2].startswith("no producer with weights (input comes from cat)")
+    assert f["bn_half"][2].startswith("no producer with weights (input comes from getitem_2)")
+
 
 def test_fan_out_and_repeated_calls():
     f = folds(both(FanOut().eval(), (1, 3, 6, 6), fast=True))
@@ -367,23 +395,22 @@ def test_export_answers_where_fx_cannot(model, shape, why):
         assert rep["notes"] and "fixes its batch size" in rep["notes"][0]
 
 
-class Split(nn.Module):
-    """``torch.split``: a multi-output op the fx tables do not model."""
+class Rolled(nn.Module):
+    """``torch.roll``: an op the fx tables do not model."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(3, 8, 1)
+        self.conv = nn.Conv2d(3, 4, 1)
         self.bn = nn.BatchNorm2d(4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a, b = torch.split(self.conv(x), 4, 1)
-        return self.bn(a) + b
+        return self.bn(torch.roll(self.conv(x), 1, 2))
 
 
 def test_ops_outside_the_tables_fall_back():
-    model = randomize_bn(Split().eval())
+    model = randomize_bn(Rolled().eval())
     h = TorchHandle(Path("m.pt"), "state_dict", model, input_shapes={"": (1, 3, 4, 4)})
-    assert lower(h)[1] == "not in the tables: call_function split"
+    assert lower(h)[1] == "not in the tables: function roll"
     both(model, (1, 3, 4, 4), fast=False)
 
 

@@ -33,7 +33,7 @@ import inspect
 import operator
 from typing import Any
 
-from bncheck.backends.torch.fxlower import VARYING, Const, FxProgram, Lowering, Val
+from bncheck.backends.torch.fxlower import VARYING, Const, FxProgram, Lowering, Parts, Val
 from bncheck.backends.torch.fxops import BATCHNORM, Ambiguous, is_batchnorm
 from bncheck.backends.torch.graph import _flatten
 
@@ -143,9 +143,13 @@ def _propagate(gm: Any, x: Any) -> dict[Any, Any]:
     class Recorder(torch.fx.Interpreter):
         def run_node(self, n: Any) -> Any:
             out = super().run_node(n)
+            if n.op == "output":
+                return out
             if isinstance(out, torch.Tensor):
                 seen[n] = (tuple(out.shape), out.dtype)
-            elif n.op != "output":
+            elif isinstance(out, (tuple, list)) and out and _all_tensors(out):
+                seen[n] = [(tuple(t.shape), t.dtype) for t in out]
+            else:
                 seen[n] = Const(out)
             return out
 
@@ -212,18 +216,40 @@ def _batch_values(gm: Any, at_b: dict[Any, Any], at_b1: dict[Any, Any]) -> dict[
             # a size that follows the batch: export records ops for it, if anything reads it
             vals[node] = got if _same(got.value, other.value) else VARYING
             continue
-        shape, dtype = got
-        if not isinstance(other, tuple) or len(other[0]) != len(shape):
+        if isinstance(got, list):
+            if not isinstance(other, list) or len(other) != len(got):
+                return None
+            parts = [_val(a, b) for a, b in zip(got, other, strict=True)]
+            if any(p is None for p in parts):
+                return None
+            vals[node] = Parts(tuple(parts))
+            continue
+        val = _val(got, other) if isinstance(other, tuple) else None
+        if val is None:
             return None
-        free = tuple(a != b for a, b in zip(shape, other[0], strict=True))
-        if (node.op == "placeholder" or node in outputs) and any(free[1:]):
+        if (node.op == "placeholder" or node in outputs) and any(val.free[1:]):
             return None
-        # every value that follows the batch, not only the outputs: an output may be an
-        # earlier value passed through an op export records nothing for (Identity)
-        symbolic = tuple("s0" if f else n for n, f in zip(shape, free, strict=True))
-        vals[node] = Val(symbolic, dtype, free)
-        vals[node].sizes = got[0]
+        vals[node] = val
     return vals
+
+
+def _val(got: tuple[Any, Any], other: tuple[Any, Any]) -> Val | None:
+    """A tensor's ``Val`` from its (shape, dtype) at the two batch sizes; None if the rank
+    changes."""
+    (shape, dtype), (shape1, _) = got, other
+    if len(shape1) != len(shape):
+        return None
+    free = tuple(a != b for a, b in zip(shape, shape1, strict=True))
+    # every value that follows the batch gets the symbol, not only the outputs: an output may
+    # be an earlier value passed through an op export records nothing for (Identity)
+    symbolic = tuple("s0" if f else n for n, f in zip(shape, free, strict=True))
+    return Val(symbolic, dtype, free, shape)
+
+
+def _all_tensors(values: Any) -> bool:
+    import torch
+
+    return all(isinstance(v, torch.Tensor) for v in values)
 
 
 def _same(a: Any, b: Any) -> bool:

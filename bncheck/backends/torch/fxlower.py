@@ -34,18 +34,24 @@ from bncheck.backends.torch.fxops import (
 )
 from bncheck.backends.torch.graph import _flatten
 
-__all__ = ["VARYING", "Const", "FxProgram", "Lowering", "Val", "aten_op"]
+__all__ = ["VARYING", "Const", "FxProgram", "Lowering", "Parts", "Val", "aten_op"]
 
 
 class Val:
     """A traced value's shape and dtype, as export keeps them in ``node.meta["val"]``; a
     batch-sized dim is the string ``"s0"`` (export's symbol, read by ``_spec`` as ``batch``)."""
 
-    def __init__(self, shape: tuple[Any, ...], dtype: Any, free: tuple[bool, ...] = ()) -> None:
+    def __init__(
+        self,
+        shape: tuple[Any, ...],
+        dtype: Any,
+        free: tuple[bool, ...] = (),
+        sizes: tuple[int, ...] = (),
+    ) -> None:
         self.shape = shape
         self.dtype = dtype
         self.free = free  # per dim: its size follows the batch (export's size is symbolic)
-        self.sizes: tuple[int, ...] = ()  # the sizes at the example's batch
+        self.sizes = sizes  # the sizes at the example's batch
 
     def dim(self) -> int:
         return len(self.shape)
@@ -60,6 +66,14 @@ class Const:
 
 
 VARYING = Const(object())  # a Python value that changes with the batch size
+
+
+@dataclass(frozen=True)
+class Parts:
+    """The tensors a multi-output op returns (``torch.split``, ``chunk``), one ``Val`` each:
+    export records the op, then one ``getitem`` per part, used or not."""
+
+    vals: tuple[Val, ...]
 
 
 @dataclass
@@ -135,6 +149,8 @@ class Lowering:
                 self.env[node] = self.params[node.target]
             elif isinstance(self.vals.get(node), Const):
                 self.env[node] = self._python(node)
+            elif isinstance(self.vals.get(node), Parts):
+                self.env[node] = self._split(node)
             elif node.op == "call_module":
                 self.env[node] = self._module(node)
             elif node.op == "call_function":
@@ -309,12 +325,38 @@ class Lowering:
             op += "_" if inplace else ""
         return self._emit(node, op, self._flat_args(node), stack)
 
+    def _split(self, node: Any) -> tuple[Any, ...]:
+        """``torch.split`` / ``chunk``: the op (``split``, ``split_with_sizes`` for a list of
+        sizes, ``chunk``), then a ``getitem`` for every part, as export records them."""
+        import torch
+
+        name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+        if (node.op, name) not in (("call_method", "split"), ("call_method", "chunk")) and not (
+            node.op == "call_function" and node.target in (torch.split, torch.chunk)
+        ):
+            raise Ambiguous(f"{node.op} {name}: several outputs")
+        if name == "split":
+            size = node.kwargs.get("split_size_or_sections", node.kwargs.get("split_size"))
+            size = node.args[1] if len(node.args) > 1 else size
+            name = "split" if isinstance(size, int) else "split_with_sizes"
+        stack = self._stack(node)
+        op = self._emit(node, name, self._flat_args(node), stack)
+        op.meta.pop("val", None)
+        parts = []
+        for i, val in enumerate(self.vals[node].vals):
+            part = self.graph.create_node("call_function", operator.getitem, (op, i), {})
+            part.meta["nn_module_stack"], part.meta["val"] = stack, val
+            parts.append(part)
+        return tuple(parts)
+
     def _index(self, node: Any, stack: dict[str, Any]) -> Any:
         """``x[...]`` on a tensor as export records it, left to right: ``slice`` for a
         slice (none where it keeps a fixed-size dim whole), ``select`` for an int,
         ``unsqueeze`` for None, nothing for the dims an Ellipsis spans."""
         src, index = node.args
         val = self.vals.get(src)
+        if isinstance(val, Parts) and isinstance(index, int):
+            return self.env[src][index]  # export's getitem of that part, made with the op
         if not isinstance(val, Val):
             raise Ambiguous("getitem of a non-tensor")
         items = index if isinstance(index, tuple) else (index,)
