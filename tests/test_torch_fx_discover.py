@@ -276,6 +276,36 @@ class Sliced(nn.Module):
         return self.bn1d(z)[:, 1:]
 
 
+class Shuffle(nn.Module):
+    """ShuffleNet's channel shuffle, and a `view(x.size(0), -1)` head: the batch size read from
+    shapes (export: one `sym_size` of the input, reused)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 1, bias=False), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4 * 16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(self.conv(x))
+        b, c, h, w = y.size()
+        y = y.view(b, 2, c // 2, h, w).transpose(1, 2).reshape(b, -1, h, w)
+        y = self.bn2(self.conv2(y))
+        return self.fc(y.view(y.size(0), -1))
+
+
+class BatchArithmetic(nn.Module):
+    """A size computed from the batch (`2 * b`): export records sym ops for it; fx defers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(self.conv(x))
+        return y.reshape(2 * y.shape[0], -1)
+
+
 class Mixed(nn.Module):
     """MixNet's mixed conv and Res2Net's split: `torch.split` by a list of sizes, a conv+BN per
     part, concatenated, a BN after the concat; and `chunk` whose second part is unused."""
@@ -320,6 +350,7 @@ class Mixed(nn.Module):
         (CrepeLike(), (1, 256)),
         (Sliced(), (1, 3, 4, 4)),
         (Mixed(), (1, 6, 8, 8)),
+        (Shuffle(), (1, 3, 4, 4)),
     ],
     ids=lambda v: type(v).__name__ if isinstance(v, nn.Module) else "",
 )
@@ -407,10 +438,17 @@ class Rolled(nn.Module):
         return self.bn(torch.roll(self.conv(x), 1, 2))
 
 
-def test_ops_outside_the_tables_fall_back():
-    model = randomize_bn(Rolled().eval())
+@pytest.mark.parametrize(
+    ("model", "why"),
+    [
+        (Rolled(), "not in the tables: function roll"),
+        (BatchArithmetic(), "not in the tables: mul: a size computed from the batch size"),
+    ],
+)
+def test_ops_outside_the_tables_fall_back(model, why):
+    model = randomize_bn(model.eval())
     h = TorchHandle(Path("m.pt"), "state_dict", model, input_shapes={"": (1, 3, 4, 4)})
-    assert lower(h)[1] == "not in the tables: function roll"
+    assert lower(h)[1] == why
     both(model, (1, 3, 4, 4), fast=False)
 
 

@@ -33,7 +33,7 @@ import inspect
 import operator
 from typing import Any
 
-from bncheck.backends.torch.fxlower import VARYING, Const, FxProgram, Lowering, Parts, Val
+from bncheck.backends.torch.fxlower import Const, FxProgram, Lowering, Parts, Val, Varying
 from bncheck.backends.torch.fxops import BATCHNORM, Ambiguous, is_batchnorm
 from bncheck.backends.torch.graph import _flatten
 
@@ -193,7 +193,8 @@ def lower(handle: Any) -> tuple[FxProgram | None, str | None]:
     if vals is None:
         return None, "a value's shape depends on the batch size other than through dim 0"
     try:
-        return Lowering(gm, work, vals).run(), None
+        batch = (int(batched.shape[0]), int(one_more.shape[0]))
+        return Lowering(gm, work, vals, batch).run(), None
     except Ambiguous as exc:
         return None, f"not in the tables: {exc}"
     except KeyError as exc:
@@ -214,7 +215,7 @@ def _batch_values(gm: Any, at_b: dict[Any, Any], at_b1: dict[Any, Any]) -> dict[
             if not isinstance(other, Const):
                 return None
             # a size that follows the batch: export records ops for it, if anything reads it
-            vals[node] = got if _same(got.value, other.value) else VARYING
+            vals[node] = got if _same(got.value, other.value) else Varying(got.value, other.value)
             continue
         if isinstance(got, list):
             if not isinstance(other, list) or len(other) != len(got):

@@ -34,7 +34,7 @@ from bncheck.backends.torch.fxops import (
 )
 from bncheck.backends.torch.graph import _flatten
 
-__all__ = ["VARYING", "Const", "FxProgram", "Lowering", "Parts", "Val", "aten_op"]
+__all__ = ["Const", "FxProgram", "Lowering", "Parts", "Val", "Varying", "aten_op"]
 
 
 class Val:
@@ -65,7 +65,13 @@ class Const:
     value: Any
 
 
-VARYING = Const(object())  # a Python value that changes with the batch size
+@dataclass(frozen=True)
+class Varying:
+    """A Python value that changes with the batch size (its values at the two batch sizes):
+    export records ops for it where a tensor op reads it."""
+
+    at_b: Any
+    at_b1: Any
 
 
 @dataclass(frozen=True)
@@ -99,10 +105,11 @@ def aten_op(name: str) -> Any:
 class Lowering:
     """Builds the export-shaped graph from the fx graph, node by node, in execution order."""
 
-    def __init__(self, gm: Any, root: Any, vals: dict[Any, Any]) -> None:
+    def __init__(self, gm: Any, root: Any, vals: dict[Any, Any], batch: tuple[int, int]) -> None:
         import torch
 
-        self.gm, self.root, self.vals = gm, root, vals
+        self.gm, self.root, self.vals, self.batch = gm, root, vals, batch
+        self.batch_size: Any = None  # export's one `sym_size` node of the input, once read
         self.graph = torch.fx.Graph()
         self.env: dict[Any, Any] = {}
         self.params: dict[str, Any] = {}  # fqn → placeholder
@@ -147,7 +154,7 @@ class Lowering:
                 if node.target not in self.params:
                     raise Ambiguous(f"attribute {node.target}")
                 self.env[node] = self.params[node.target]
-            elif isinstance(self.vals.get(node), Const):
+            elif isinstance(self.vals.get(node), (Const, Varying)):
                 self.env[node] = self._python(node)
             elif isinstance(self.vals.get(node), Parts):
                 self.env[node] = self._split(node)
@@ -178,19 +185,38 @@ class Lowering:
             )
         ):
             value = self.vals[node]
-            return value if value is VARYING else value.value
+            return value if isinstance(value, Varying) else value.value
         raise Ambiguous(f"{node.op} {getattr(node.target, '__name__', node.target)}")
 
     def _arg(self, a: Any) -> Any:
         if hasattr(a, "op"):
-            if self.env[a] is VARYING:
-                raise Ambiguous(f"{a.name}: a size that follows the batch")
-            return self.env[a]
+            value = self.env[a]
+            if isinstance(value, Varying):
+                if (value.at_b, value.at_b1) != self.batch:
+                    raise Ambiguous(f"{a.name}: a size computed from the batch size")
+                return self._batch_size()
+            return value
         if isinstance(a, (list, tuple)):
             return type(a)(self._arg(x) for x in a)
         if isinstance(a, dict):
             return {k: self._arg(v) for k, v in a.items()}
         return a
+
+    def _batch_size(self) -> Any:
+        """The batch size as an op reads it (``x.size(0)``, ``b, c, h, w = y.shape``): export
+        records one ``sym_size`` of the input, before every other op, and reuses it (named
+        ``sym_size_int_1``: export's first such node is one it removes)."""
+        import torch
+
+        if self.batch_size is None:
+            (name,) = self.signature.user_inputs
+            x = next(n for n in self.graph.nodes if n.op == "placeholder" and n.name == name)
+            first = next((n for n in self.graph.nodes if n.op != "placeholder"), None)
+            with self.graph.inserting_before(first):
+                self.batch_size = self.graph.create_node(
+                    "call_function", torch.ops.aten.sym_size.int, (x, 0), name="sym_size_int_1"
+                )
+        return self.batch_size
 
     def _stack(self, node: Any, leaf: str | None = None) -> dict[str, tuple[str, Any]]:
         # export's nn_module_stack: one key per module call (a repeated call gets its own key)
