@@ -289,7 +289,8 @@ class Shuffle(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.bn(self.conv(x))
         b, c, h, w = y.size()
-        y = y.view(b, 2, c // 2, h, w).transpose(1, 2).reshape(b, -1, h, w)
+        y = y.view(b, 2, c // 2, h, w).transpose(1, 2).contiguous().view(b, -1, h, w)
+        y = y.contiguous()  # already: export records nothing for it
         y = self.bn2(self.conv2(y))
         return self.fc(y.view(y.size(0), -1))
 

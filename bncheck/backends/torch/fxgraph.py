@@ -134,8 +134,8 @@ def _inplace_method(op: Any) -> Any:
 
 
 def _propagate(gm: Any, x: Any) -> dict[Any, Any]:
-    """Run ``gm`` on ``x``: each node's result, a tensor as its (shape, dtype), anything else
-    (a size, a flag, None) as ``Const``."""
+    """Run ``gm`` on ``x``: each node's result, a tensor as its (shape, dtype, contiguous),
+    several as a list of those, anything else (a size, a flag, None) as ``Const``."""
     import torch
 
     seen: dict[Any, Any] = {}
@@ -146,9 +146,9 @@ def _propagate(gm: Any, x: Any) -> dict[Any, Any]:
             if n.op == "output":
                 return out
             if isinstance(out, torch.Tensor):
-                seen[n] = (tuple(out.shape), out.dtype)
+                seen[n] = (tuple(out.shape), out.dtype, out.is_contiguous())
             elif isinstance(out, (tuple, list)) and out and _all_tensors(out):
-                seen[n] = [(tuple(t.shape), t.dtype) for t in out]
+                seen[n] = [(tuple(t.shape), t.dtype, t.is_contiguous()) for t in out]
             else:
                 seen[n] = Const(out)
             return out
@@ -234,17 +234,17 @@ def _batch_values(gm: Any, at_b: dict[Any, Any], at_b1: dict[Any, Any]) -> dict[
     return vals
 
 
-def _val(got: tuple[Any, Any], other: tuple[Any, Any]) -> Val | None:
-    """A tensor's ``Val`` from its (shape, dtype) at the two batch sizes; None if the rank
-    changes."""
-    (shape, dtype), (shape1, _) = got, other
-    if len(shape1) != len(shape):
+def _val(got: tuple[Any, ...], other: tuple[Any, ...]) -> Val | None:
+    """A tensor's ``Val`` from its (shape, dtype, contiguous) at the two batch sizes; None if
+    the rank or the layout changes."""
+    (shape, dtype, contiguous), (shape1, _, contiguous1) = got, other
+    if len(shape1) != len(shape) or contiguous != contiguous1:
         return None
     free = tuple(a != b for a, b in zip(shape, shape1, strict=True))
     # every value that follows the batch gets the symbol, not only the outputs: an output may
     # be an earlier value passed through an op export records nothing for (Identity)
     symbolic = tuple("s0" if f else n for n, f in zip(shape, free, strict=True))
-    return Val(symbolic, dtype, free, shape)
+    return Val(symbolic, dtype, free, shape, contiguous)
 
 
 def _all_tensors(values: Any) -> bool:

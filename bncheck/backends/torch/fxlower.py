@@ -47,11 +47,13 @@ class Val:
         dtype: Any,
         free: tuple[bool, ...] = (),
         sizes: tuple[int, ...] = (),
+        contiguous: bool = True,
     ) -> None:
         self.shape = shape
         self.dtype = dtype
         self.free = free  # per dim: its size follows the batch (export's size is symbolic)
         self.sizes = sizes  # the sizes at the example's batch
+        self.contiguous = contiguous  # its layout (`contiguous()` of it is an op, or nothing)
 
     def dim(self) -> int:
         return len(self.shape)
@@ -463,8 +465,14 @@ class Lowering:
         op = METHODS.get(node.target)
         if op is None:
             raise Ambiguous(f"method {node.target}")
-        if op == "":
-            return self._tensor_input(node)
+        if node.target == "contiguous":
+            # export records the copy only where there is one to make
+            src = self.vals.get(node.args[0])
+            if not isinstance(src, Val) or len(node.args) > 1 or node.kwargs:
+                raise Ambiguous("contiguous")
+            if src.contiguous:
+                return self._tensor_input(node)
+            return self._emit(node, "contiguous", (self._tensor_input(node),), self._stack(node))
         return self._emit(node, op, self._flat_args(node), self._stack(node))
 
     def _flat_args(self, node: Any) -> tuple[Any, ...]:

@@ -2,7 +2,8 @@
 
 Measured on torch 2.13's export IR (pre-dispatch ATen, what ``torch.export.export`` returns):
 a ``torch.nn`` layer or functional call is one op of the same name, ``inplace=True`` makes it the
-``op_`` variant, ``Identity``, ``contiguous()`` and eval-mode ``stochastic_depth`` record nothing.
+``op_`` variant; ``Identity``, ``contiguous()`` of a contiguous tensor and eval-mode
+``stochastic_depth`` record nothing.
 ``tests/test_torch_fx_discover.py`` checks them against export on every architecture it builds.
 """
 
@@ -75,10 +76,11 @@ METHODS = {
         "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "flatten", "mean", "sum", "view",
         "reshape", "permute", "transpose", "add", "add_", "mul", "mul_", "sub", "div", "clamp",
         "softmax", "expand_as", "neg", "matmul", "exp", "sqrt", "pow", "amax", "unsqueeze",
-        "squeeze", "sigmoid_", "hardswish", "hardswish_",
+        "squeeze", "sigmoid_", "hardswish", "hardswish_", "reshape_as", "view_as", "sub_",
+        "div_", "clamp_",
     )
 }  # fmt: skip
-METHODS["contiguous"] = ""  # no op: export records none for it
+METHODS["contiguous"] = "contiguous"  # an op only where the input is not (fxlower)
 # dtype casts: export checks the input's metadata (a node reading the input), then casts
 CASTS = {"float", "half", "double", "bfloat16", "to"}
 
@@ -97,7 +99,11 @@ def function_table() -> dict[Any, tuple[str, int | None]]:
         torch.add: ("add", None), torch.mul: ("mul", None), torch.cat: ("cat", None),
         torch.relu: ("relu", None), torch.sigmoid: ("sigmoid", None), torch.tanh: ("tanh", None),
         torch.flatten: ("flatten", None), torch.mean: ("mean", None),
-        torch.unsqueeze: ("unsqueeze", None),
+        torch.unsqueeze: ("unsqueeze", None), torch.squeeze: ("squeeze", None),
+        torch.transpose: ("transpose", None), torch.permute: ("permute", None),
+        torch.reshape: ("reshape", None), torch.sum: ("sum", None), torch.clamp: ("clamp", None),
+        torch.softmax: ("softmax", None), torch.exp: ("exp", None), torch.sub: ("sub", None),
+        torch.div: ("div", None), torch.maximum: ("maximum", None),
         torch.matmul: ("matmul", None),
         F.relu: ("relu", 1), F.relu6: ("relu6", 1), F.silu: ("silu", 1),
         F.hardswish: ("hardswish", 1), F.hardsigmoid: ("hardsigmoid", 1), F.mish: ("mish", 1),
