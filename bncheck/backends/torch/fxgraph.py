@@ -117,9 +117,28 @@ def _trace(module: Any, concrete: dict[str, Any]) -> Any:
     for op in ("iadd", "isub", "imul", "itruediv"):
         setattr(InplaceProxy, f"__{op}__", _inplace_method(getattr(operator, op)))
 
+    # fx finds a parameter's or buffer's name by walking every module's tensors on each access
+    # (quadratic: ~5 s on timm's MobileOne); the same names, looked up once
+    names = {id(t): n for n, t in module.named_parameters()}
+    names.update((id(t), n) for n, t in module.named_buffers())
+
     class Tracer(torch.fx.Tracer):
         def proxy(self, node: Any) -> Any:
             return InplaceProxy(node, self)
+
+        def getattr(self, attr: str, attr_val: Any, cache: dict[str, Any]) -> Any:
+            # a parameter becomes a proxy (a buffer stays a tensor: proxy_buffer_attributes)
+            name = names.get(id(attr_val)) if isinstance(attr_val, torch.nn.Parameter) else None
+            if name is None:
+                return super().getattr(attr, attr_val, cache)
+            if name not in cache:
+                cache[name] = self.create_proxy("get_attr", name, (), {})
+            return cache[name]
+
+        def create_arg(self, a: Any) -> Any:
+            if isinstance(a, torch.Tensor) and id(a) in names:
+                return self.create_node("get_attr", names[id(a)], (), {})
+            return super().create_arg(a)
 
     tracer = Tracer()
     graph = tracer.trace(module, concrete_args=concrete or None)
