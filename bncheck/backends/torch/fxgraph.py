@@ -74,6 +74,7 @@ def _odd_module(module: Any) -> str | None:
     """Why export's view of ``module`` is not certain from fx, or None: a module or tensor
     reachable under two names, a forward hook, a frozen BN, a lazy module, a BN class that is
     not a ``_BatchNorm``."""
+    from torch.nn.modules import module as nn_module
     from torch.nn.modules.lazy import LazyModuleMixin
 
     from bncheck.backends.torch.discover import is_bn, is_frozen_bn
@@ -85,8 +86,6 @@ def _odd_module(module: Any) -> str | None:
     tensors += [id(t) for _, t in module.named_buffers(remove_duplicate=False)]
     if len(set(tensors)) != len(tensors):
         return "a tensor reachable under two names"
-    from torch.nn.modules import module as nn_module
-
     # a forward hook runs in export's trace (its ops recorded, weight_norm's weight computed)
     # but not in fx's, which records a leaf module as one call
     hooks = ("_global_forward_hooks", "_global_forward_pre_hooks")
