@@ -37,10 +37,20 @@ from bncheck.backends.torch.fxlower import Const, FxProgram, Lowering, Parts, Va
 from bncheck.backends.torch.fxops import BATCHNORM, Ambiguous, is_batchnorm
 from bncheck.backends.torch.graph import _flatten
 
-__all__ = ["FxProgram", "fx_program", "lower"]
+__all__ = ["VERIFIED_TORCH", "FxProgram", "fx_program", "lower", "torch_verified"]
 
 # the formats whose module is the user's eager nn.Module
 _EAGER = ("state_dict", "safetensors", "pickle")
+# the torch releases whose export IR the tables of fxops were measured on (names, in-place
+# variants, the checks before a cast): another release may record other ops, so it exports
+VERIFIED_TORCH = ("2.13",)
+
+
+def torch_verified() -> bool:
+    """Whether the installed torch is one the fast path was checked against."""
+    import torch
+
+    return torch.__version__.startswith(tuple(f"{v}." for v in VERIFIED_TORCH))
 
 
 def _eligible(handle: Any) -> dict[str, Any] | None:
@@ -188,6 +198,8 @@ def lower(handle: Any) -> tuple[FxProgram | None, str | None]:
 
     from bncheck.backends.torch.load import quiet_torch
 
+    if not torch_verified():
+        return None, "torch is not a release the fx tables were checked against"
     example = _eligible(handle)
     if example is None:
         return None, "not one batched tensor input of an eager model, or --dynamic-dims"
