@@ -46,7 +46,8 @@ def inspect(
     codes = all_rules().keys()
     validate_codes([*(select or []), *(ignore or [])], codes)
     handle = as_handle(model, **open_options)
-    info = handle.info()
+    # a backend may read the same ModelInfo more cheaply for a report (torch: fx, not export)
+    info = getattr(handle, "report_info", handle.info)()
     findings = run_rules(info, select=select, ignore=ignore)
     return InspectResult(info=info, findings=findings, notes=list(getattr(handle, "notes", [])))
 
