@@ -546,3 +546,28 @@ def test_another_torch_release_always_exports(monkeypatch):
     assert lower(h) == (None, "torch is not a release the fx tables were checked against")
     fast = report(h, h.report_info())
     assert h._traced and fast == report(h, h.info())
+
+
+# The folds beyond a neighbour (layout ops, a channel cat, eval dropout, merged branches) are
+# decided by the same match_fold on either graph; the fast report must name them the same way.
+@pytest.mark.parametrize(
+    ("name", "shape"),
+    [
+        ("LeViTish", (2, 3, 8, 8)),
+        ("NormLinear", (2, 5, 6)),
+        ("MixedConv", (2, 9, 7, 7)),
+        ("MovedAxis", (2, 4, 6, 5)),
+        ("SecondReader", (2, 3, 5)),
+        ("Reps", (2, 3, 9, 9)),
+        ("SharedBranch", (2, 6, 7, 7)),
+        ("StridedIdentity", (2, 6, 8, 8)),
+    ],
+)
+def test_fx_and_export_decide_the_folds_beyond_a_neighbour_alike(name, shape):
+    import test_torch_fold_beyond as beyond
+
+    model = randomize_bn(getattr(beyond, name)().eval(), seed=5)
+    fast = TorchHandle(Path("m.pt"), "state_dict", model, input_shapes={"": shape})
+    ref = TorchHandle(Path("m.pt"), "state_dict", model, input_shapes={"": shape})
+    fast_report = report(fast, fast.report_info())
+    assert json.dumps(fast_report, default=str) == json.dumps(report(ref, ref.info()), default=str)

@@ -9,6 +9,7 @@ batch). It raises ``Ambiguous`` for whatever the tables do not model.
 
 from __future__ import annotations
 
+import inspect
 import operator
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -33,6 +34,9 @@ from bncheck.backends.torch.fxops import (
     weighted_functions,
 )
 from bncheck.backends.torch.graph import _flatten
+
+# methods whose sizes may come as varargs; export records them as one list
+_SIZE_VARARGS = {"permute", "view", "reshape"}
 
 __all__ = ["Const", "FxProgram", "Lowering", "Parts", "Val", "Varying", "aten_op"]
 
@@ -304,6 +308,8 @@ class Lowering:
                 if not op.endswith("dropout"):
                     raise Ambiguous(f"{node.target}: inplace")
                 op += "_"
+            if op.rstrip("_").endswith("dropout"):  # dropout(input, p, train), as export
+                return self._emit(node, op, (x, mod.p, mod.training), stack)
             extra = tuple(self.params[f"{node.target}.{k}"] for k, _ in mod.named_parameters())
             return self._emit(node, op, (x, *extra), stack)
         if kind == "Upsample":
@@ -337,9 +343,15 @@ class Lowering:
                 raise Ambiguous("stochastic_depth in training")
             return self._tensor_input(node)  # the identity in eval: export records nothing
         if target is F.dropout:
-            if node.kwargs.get("inplace", False) or len(node.args) > 3:
+            bound = inspect.signature(F.dropout).bind(*node.args, **node.kwargs)
+            bound.apply_defaults()
+            a = bound.arguments
+            if a["inplace"] is not False:
                 raise Ambiguous("dropout inplace")
-            return self._emit(node, "dropout", self._flat_args(node), stack)
+            # dropout(input, p, train) in full, as export records it: folds read `train`
+            return self._emit(
+                node, "dropout", (self._arg(a["input"]), a["p"], a["training"]), stack
+            )
         entry = self.functions.get(target) if hashable(target) else None
         if entry is None:
             raise Ambiguous(f"function {getattr(target, '__name__', target)}")
@@ -473,7 +485,10 @@ class Lowering:
             if src.contiguous:
                 return self._tensor_input(node)
             return self._emit(node, "contiguous", (self._tensor_input(node),), self._stack(node))
-        return self._emit(node, op, self._flat_args(node), self._stack(node))
+        args = self._flat_args(node)
+        if node.target in _SIZE_VARARGS and len(args) > 2:
+            args = (args[0], list(args[1:]))  # x.permute(0, 2, 1) is permute(x, [0, 2, 1])
+        return self._emit(node, op, args, self._stack(node))
 
     def _flat_args(self, node: Any) -> tuple[Any, ...]:
         # the data edges are what discovery reads of these ops (users, fan-out)
