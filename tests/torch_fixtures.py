@@ -276,3 +276,16 @@ def no_bn_net() -> nn.Module:
     """Conv → ReLU → Conv: nothing to fold."""
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 1)).eval()
+
+
+def weight_normed_net() -> nn.Module:
+    """``--arch torch_fixtures:weight_normed_net``: a conv under the old
+    ``torch.nn.utils.weight_norm`` (a forward pre-hook; deepcopy refuses the module), then BN."""
+    import warnings
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # deprecated, and still in use
+        net[0] = torch.nn.utils.weight_norm(net[0])
+    return net

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from bncheck.backends.base import ModelHandle
+from bncheck.backends.torch.copying import copy_module
 from bncheck.backends.torch.discover import build_info
 from bncheck.backends.torch.example import (
     DATA,
@@ -231,7 +231,7 @@ class TorchHandle(ModelHandle):
                             mod._buffers[key] = buf.clone()
                 self._runnable = gm
             else:
-                self._runnable = copy.deepcopy(self.module).eval()
+                self._runnable = copy_module(self.module).eval()
         return self._runnable
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
@@ -391,7 +391,7 @@ class TorchHandle(ModelHandle):
         if not self.example_named or self.format == "torchscript":
             return ()
         try:
-            work = copy.deepcopy(self.module).eval()
+            work = copy_module(self.module).eval()
             with torch.no_grad(), quiet_torch():
                 out = work(*self.example_inputs)
         except Exception:

@@ -4,10 +4,10 @@ its module tree shows safe, in a deep copy of the module)."""
 
 from __future__ import annotations
 
-import copy
 import warnings
 from typing import Any
 
+from bncheck.backends.torch.copying import copy_module
 from bncheck.backends.torch.discover import eager_pairs
 from bncheck.backends.torch.fold import _f64, _scale_shift, _Skip, _to_torch
 from bncheck.layers import FoldStep
@@ -24,7 +24,7 @@ def float64_copy(module: Any) -> Any:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # deepcopy of a GraphModule warns about pytree internals
-        copied = copy.deepcopy(module)
+        copied = copy_module(module)
     copied = copied.double()
     for sub in copied.modules():
         for key, value in list(vars(sub).items()):
@@ -43,7 +43,7 @@ def fold_eager(handle: Any) -> tuple[Any, list[FoldStep]]:
     import torch
 
     info = handle.info()
-    module = copy.deepcopy(handle.module).eval()
+    module = copy_module(handle.module).eval()
     pairs = eager_pairs(module)
     steps: list[FoldStep] = []
     for layer in info.bn_layers:

@@ -28,11 +28,11 @@ them or changes a non-batch output dim, and export (which also writes the note) 
 
 from __future__ import annotations
 
-import copy
 import inspect
 import operator
 from typing import Any
 
+from bncheck.backends.torch.copying import copy_module
 from bncheck.backends.torch.fxlower import Const, FxProgram, Lowering, Parts, Val, Varying
 from bncheck.backends.torch.fxops import BATCHNORM, Ambiguous, is_batchnorm
 from bncheck.backends.torch.graph import _flatten
@@ -206,7 +206,7 @@ def lower(handle: Any) -> tuple[FxProgram | None, str | None]:
     odd = _odd_module(handle.module)
     if odd:
         return None, odd
-    work = copy.deepcopy(handle.module).eval()
+    work = copy_module(handle.module).eval()
     (x,) = example.values()
     # batched as ``dynamic_spec`` batches it for export (a batch of 1 doubled, so that export
     # keeps it symbolic); not by calling it: its ``torch.export.Dim`` imports sympy (~1 s)

@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from bncheck.backends.torch.copying import copy_module
 from bncheck.backends.torch.graph import BN_OPS, op_args, packet
 from bncheck.errors import InputError
 from bncheck.numerics import Moments
@@ -228,7 +229,7 @@ def with_stats(
             put(state, name, mean, var)
         ep._state_dict = state  # a shallow copy with its own state dict: the source is unchanged
         return handle.derive("pt2", ep.module(), ep)
-    module = copy.deepcopy(handle.module)
+    module = copy_module(handle.module)
     for name, (mean, var) in stats.items():
         owner = module.get_submodule(name)
         keys = ("running_mean", "running_var", "num_batches_tracked")

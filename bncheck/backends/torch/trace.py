@@ -10,9 +10,9 @@ loaded .pt2 fixes a wanted dim.
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
+from bncheck.backends.torch.copying import copy_module
 from bncheck.backends.torch.example import GUESS, axes_for, dynamic_spec, symbolic_axes
 from bncheck.backends.torch.load import quiet_torch
 from bncheck.errors import InputError, first_line
@@ -32,7 +32,7 @@ def trace(handle: Any) -> tuple[Any, str | None]:
     example = handle.example_named
     if not example:
         return None, "could not trace the model: no example input (pass --input-shape)"
-    work = copy.deepcopy(handle.module).eval()
+    work = copy_module(handle.module).eval()
     batched, spec, _ = dynamic_spec(example, handle._dynamic_dims)
     with quiet_torch():
         try:
