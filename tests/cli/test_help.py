@@ -41,3 +41,14 @@ def test_the_known_bracketed_words_are_there(run_cli):
 def test_optimize_rounds_does_not_mention_an_option_it_lacks(run_cli):
     out = run_cli("optimize", "--help").out
     assert "--rounds" in out and "--vs" not in out
+
+
+def test_a_command_run_builds_only_that_command():
+    from bncheck.cli import _click_command, app
+
+    names = {c.name or c.callback.__name__ for c in app.registered_commands}
+    assert "rules" in names and len(names) == 8
+    assert set(_click_command("fold").commands) == {"fold"}
+    assert set(_click_command(None).commands) == names  # --help lists them all
+    assert set(_click_command("inspec").commands) == names  # a typo gets suggestions
+    assert {c.name or c.callback.__name__ for c in app.registered_commands} == names
