@@ -263,18 +263,17 @@ def fx_bn_count(gm: Any) -> int:
     return n
 
 
-def refresh_fx(name: str, path: Path) -> None:
-    """Recount and re-verify torch.fx's result for a record written before ``fx_bn_count``."""
+def two_samples(x: Any) -> Any:
+    """``x`` and a second, seeded sample: the batch every result is verified on."""
     import torch
+
+    return torch.cat([x, torch.randn(x.shape, generator=torch.Generator().manual_seed(7))])
+
+
+def fx_result(model: Any, ref: Any, x2: Any) -> dict[str, Any]:
+    """torch.fx's ``fuse`` of ``model``: seconds, BN left in its graph, verified against ``ref``."""
     from torch.fx.experimental.optimization import fuse
 
-    rec = json.loads(path.read_text())
-    if "results" not in rec:
-        return
-    model, x = build(name)
-    model = plain_output(model)
-    x2 = torch.cat([x, torch.randn(x.shape, generator=torch.Generator().manual_seed(7))])
-    ref = torch_out(model, x2)
     r: dict[str, Any] = {}
     try:
         fused, r["seconds"] = _timed(lambda: fuse(model))
@@ -282,7 +281,18 @@ def refresh_fx(name: str, path: Path) -> None:
         r["verified"], r["max_abs"] = _close(ref, torch_out(fused, x2))
     except Exception as exc:
         r["error"] = _error(exc)
-    rec["results"]["pt2/torch.fx"] = r
+    return r
+
+
+def refresh_fx(name: str, path: Path) -> None:
+    """Recount and re-verify torch.fx's result for a record written before ``fx_bn_count``."""
+    rec = json.loads(path.read_text())
+    if "results" not in rec:
+        return
+    model, x = build(name)
+    model = plain_output(model)
+    x2 = two_samples(x)
+    rec["results"]["pt2/torch.fx"] = fx_result(model, torch_out(model, x2), x2)
     path.write_text(json.dumps(rec, indent=1))
 
 
@@ -417,7 +427,7 @@ def worker(name: str, out: Path) -> dict[str, Any]:
     model = plain_output(model)
     rec["bn_modules"] = module_bn_count(model)
     # exported and compared at batch 2: a batch of 1 would pin the dynamic batch dim
-    x2 = torch.cat([x, torch.randn(x.shape, generator=torch.Generator().manual_seed(7))])
+    x2 = two_samples(x)
     ref = torch_out(model, x2)
     rec["output_std"] = float(ref.std())  # a constant output would verify anything
     rec["output_max"] = float(abs(ref).max())
@@ -450,16 +460,7 @@ def worker(name: str, out: Path) -> dict[str, Any]:
                 ref, torch_out(torch.export.load(str(dst)).module(), x2)
             )
         results["pt2/bncheck"] = r
-    r = {}
-    try:
-        from torch.fx.experimental.optimization import fuse
-
-        fused, r["seconds"] = _timed(lambda: fuse(model))
-        r["bn_left"] = fx_bn_count(fused)
-        r["verified"], r["max_abs"] = _close(ref, torch_out(fused, x2))
-    except Exception as exc:
-        r["error"] = _error(exc)
-    results["pt2/torch.fx"] = r
+    results["pt2/torch.fx"] = fx_result(model, ref, x2)
 
     x2np = x2.numpy().astype(np.float32)
     for variant in ("onnx", "cf"):
