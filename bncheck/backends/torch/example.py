@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import inspect
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from bncheck.errors import InputError
@@ -36,6 +36,7 @@ __all__ = [
     "run_error",
     "seeded_randn",
     "symbolic_axes",
+    "widen_dynamic",
 ]
 
 GIVEN, DATA, FACTORY, GUESS, PROGRAM = (
@@ -197,12 +198,20 @@ def dynamic_spec(
             if axis != 0:
                 requested = True
                 entry[axis] = torch.export.Dim.AUTO
-        for axis in entry:
-            if x.shape[axis] == 1:
-                x = torch.cat([x, x], dim=axis)
-        tensors.append(x)
+        tensors.append(widen_dynamic(x, entry))
         spec.append(entry)
     return tuple(tensors), tuple(spec), requested
+
+
+def widen_dynamic(x: Any, axes: Iterable[int]) -> Any:
+    """``x`` with each of ``axes`` of size 1 doubled: export specializes a size-1 dim to 1, so
+    the example it traces (and any graph meant to match that trace) has 2 there."""
+    import torch
+
+    for axis in axes:
+        if x.shape[axis] == 1:
+            x = torch.cat([x, x], dim=axis)
+    return x
 
 
 def axis_label(name: str, axis: int, rank: int, several: bool) -> str:

@@ -33,6 +33,7 @@ import operator
 from typing import Any
 
 from bncheck.backends.torch.copying import copy_module
+from bncheck.backends.torch.example import widen_dynamic
 from bncheck.backends.torch.fxlower import Const, FxProgram, Lowering, Parts, Val, Varying
 from bncheck.backends.torch.fxops import BATCHNORM, Ambiguous, is_batchnorm
 from bncheck.backends.torch.graph import _flatten
@@ -208,9 +209,9 @@ def lower(handle: Any) -> tuple[FxProgram | None, str | None]:
         return None, odd
     work = copy_module(handle.module).eval()
     (x,) = example.values()
-    # batched as ``dynamic_spec`` batches it for export (a batch of 1 doubled, so that export
-    # keeps it symbolic); not by calling it: its ``torch.export.Dim`` imports sympy (~1 s)
-    batched = torch.cat([x, x]) if x.shape[0] == 1 else x
+    # batched as ``dynamic_spec`` batches it for export; not by calling it: its
+    # ``torch.export.Dim`` imports sympy (~1 s)
+    batched = widen_dynamic(x, (0,))
     one_more = torch.cat([batched, batched[:1]])
     try:
         with quiet_torch():
