@@ -304,12 +304,11 @@ class Lowering:
             op = SIMPLE_MODULES[kind]
             if getattr(mod, "return_indices", False):
                 raise Ambiguous(f"{node.target}: return_indices")
-            if getattr(mod, "inplace", False):
-                if not op.endswith("dropout"):
-                    raise Ambiguous(f"{node.target}: inplace")
-                op += "_"
-            if op.rstrip("_").endswith("dropout"):  # dropout(input, p, train), as export
+            if op.endswith("dropout"):  # dropout(input, p, train) in full, as export
+                op += "_" if mod.inplace else ""
                 return self._emit(node, op, (x, mod.p, mod.training), stack)
+            if getattr(mod, "inplace", False):
+                raise Ambiguous(f"{node.target}: inplace")
             extra = tuple(self.params[f"{node.target}.{k}"] for k, _ in mod.named_parameters())
             return self._emit(node, op, (x, *extra), stack)
         if kind == "Upsample":
