@@ -52,16 +52,32 @@ def _copy_fields(src: Message, dst: Message, skip: str) -> None:
             setattr(dst, fd.name, value)
 
 
-def _stub_bytes(t: TensorProto) -> int | None:
-    """Bytes of one element when ``t`` holds only raw data larger than the stub limit (read
-    from its dims and type: touching ``raw_data`` would copy the whole buffer)."""
-    if (
+def without_initializers(model: ModelProto) -> ModelProto:
+    """A copy of ``model`` whose main graph has no initializers (each caller adds its own
+    version of them: as they are, stubbed, bare of bytes, or as placeholders)."""
+    out = ModelProto()
+    _copy_fields(model, out, skip="graph")
+    _copy_fields(model.graph, out.graph, skip="initializer")
+    return out
+
+
+def plain_raw(t: TensorProto) -> bool:
+    """Whether ``t`` holds its values only as whole-byte elements in ``raw_data`` in the
+    message: no typed fields, no segment, not external, not a packed sub-byte type. Such a
+    tensor's size follows from its dims and type (touching ``raw_data`` would copy it)."""
+    return not (
         t.data_type in _PACKED_BITS
         or not t.HasField("raw_data")
         or t.data_location != TensorProto.DEFAULT
         or t.HasField("segment")
         or any(len(getattr(t, f)) for f in _TYPED_FIELDS)
-    ):
+    )
+
+
+def _stub_bytes(t: TensorProto) -> int | None:
+    """Bytes of one element when ``t`` holds only raw data larger than the stub limit (read
+    from its dims and type: touching ``raw_data`` would copy the whole buffer)."""
+    if not plain_raw(t):
         return None
     itemsize = _element_bytes(t, 1)
     if not itemsize or itemsize * tensor_element_count(t) <= _STUB_ABOVE_BYTES:
@@ -79,9 +95,7 @@ def checker_view(model: ModelProto) -> ModelProto:
     every tensor (``load._check_tensor``; for these, the file's size may stand in:
     :func:`_sizes_as_declared`). Everything else it checks (nodes, names, types, opsets,
     functions, subgraphs) is kept."""
-    view = ModelProto()
-    _copy_fields(model, view, skip="graph")
-    _copy_fields(model.graph, view.graph, skip="initializer")
+    view = without_initializers(model)
     for t in model.graph.initializer:
         itemsize = _stub_bytes(t)
         if itemsize is None:
@@ -146,9 +160,7 @@ def _sizes_as_declared(model: ModelProto, file_size: int) -> bool:
     raw = TensorProto.DESCRIPTOR.fields_by_name["raw_data"].number
     init = GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
     graph = ModelProto.DESCRIPTOR.fields_by_name["graph"].number
-    view = ModelProto()
-    _copy_fields(model, view, skip="graph")
-    _copy_fields(model.graph, view.graph, skip="initializer")
+    view = without_initializers(model)
     grow = 0
     for t in model.graph.initializer:
         if _stub_bytes(t) is None:

@@ -17,7 +17,8 @@ import onnx
 from onnx import ModelProto, TensorProto
 
 from bncheck.atomic import as_new_file, temp_beside
-from bncheck.backends.onnx.encoding import _TYPED_FIELDS, _copy_fields
+from bncheck.backends.onnx.encoding import plain_raw, without_initializers
+from bncheck.backends.onnx.graph import tensor_element_count
 from bncheck.backends.onnx.load import iter_tensors, serialized_size
 from bncheck.errors import InputError, one_line
 
@@ -117,16 +118,9 @@ class SharedWeights:
         """``t`` goes to a session from memory: plain little-endian raw data of a shareable
         type, at least ``min_bytes`` long (its size read from dims and type, not its bytes)."""
         dtype = _SHAREABLE.get(t.data_type)
-        if dtype is None or sys.byteorder != "little" or not t.name:
+        if dtype is None or sys.byteorder != "little" or not t.name or not plain_raw(t):
             return False
-        if not t.HasField("raw_data") or t.data_location != TensorProto.DEFAULT:
-            return False
-        if t.HasField("segment") or any(len(getattr(t, f)) for f in _TYPED_FIELDS):
-            return False
-        n = 1
-        for d in t.dims:
-            n *= int(d)
-        return n * np.dtype(dtype).itemsize >= max(self.min_bytes, 1)
+        return tensor_element_count(t) * np.dtype(dtype).itemsize >= max(self.min_bytes, 1)
 
     def array(self, t: TensorProto) -> np.ndarray:
         """``t``'s value: the pool's array when it holds one made from an equal TensorProto
@@ -155,9 +149,7 @@ class SharedWeights:
         values by name. Initializers that are also graph inputs (a caller could override
         them) stay as they are."""
         inputs = {i.name for i in model.graph.input}
-        sk = ModelProto()
-        _copy_fields(model, sk, skip="graph")
-        _copy_fields(model.graph, sk.graph, skip="initializer")
+        sk = without_initializers(model)
         values: dict[str, np.ndarray] = {}
         for t in model.graph.initializer:
             if t.name in inputs or t.name in values or not self.takes(t):
