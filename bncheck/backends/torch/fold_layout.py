@@ -20,7 +20,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from bncheck.backends.torch.graph import BNCall, GraphView, op_args, out_channels, packet
+from bncheck.backends.torch.graph import (
+    BNCall,
+    GraphView,
+    _other_users,
+    op_args,
+    out_channels,
+    packet,
+)
 from bncheck.numerics.layout import axis_through_reshape, axis_through_transpose
 
 __all__ = ["LAYOUT_OPS", "LayoutPlan", "dims", "layout_plan", "shape_only", "value_readers"]
@@ -52,10 +59,8 @@ def shape_only(user: Any, node: Any) -> bool:
 def value_readers(view: GraphView, node: Any, besides: set[Any]) -> list[str]:
     """Names of what reads ``node``'s values other than ``besides`` (the model output too);
     readers of its shape alone do not count."""
-    names = [
-        view.neighbour(u).name for u in node.users if u not in besides and not shape_only(u, node)
-    ]
-    return [*names, "output"] if node in view.outputs else names
+    shape_readers = {u for u in node.users if shape_only(u, node)}
+    return _other_users(view, node, {*besides, *shape_readers})
 
 
 @dataclass(frozen=True)
