@@ -9,15 +9,15 @@ Schema 2 (from 1): ``unstable`` became ``noisy`` (a flag, no longer a verdict), 
 
 from __future__ import annotations
 
-from typing import Any
-
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
+from typing import TYPE_CHECKING, Any
 
 from bncheck.api._bench import BenchResult, BenchRow, BenchSide
 from bncheck.bench import Samples, fails_slower
 from bncheck.report import dump_json, md_escape
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
 
 SCHEMA = "bncheck.bench/2"
 LABELS = ("A", "B")
@@ -140,6 +140,9 @@ STAT_HEADERS = ["median ms", "p10", "p90", "p99", "samples/s", "iters"]
 
 def latency_table(result: BenchResult, labels: tuple[str, str] = LABELS, title: str = "") -> Table:
     """The rich table: one line per batch size and side, the ratio on B's line."""
+    from rich.table import Table
+    from rich.text import Text
+
     table = Table(title=title or None, title_justify="left", header_style="bold")
     table.add_column("batch", justify="right")
     table.add_column("model")
@@ -199,6 +202,8 @@ def summary_line(result: BenchResult, labels: tuple[str, str] = LABELS) -> str:
 
 
 def render_text(result: BenchResult, console: Console) -> None:
+    from rich.text import Text
+
     for line in side_lines(result):
         console.print(line, style="dim")
     console.print(latency_table(result, title=f"bench on {result.device}"))

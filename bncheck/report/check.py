@@ -7,12 +7,7 @@ The text and markdown tables draw a bar of ``█`` per layer, scaled to the larg
 from __future__ import annotations
 
 import math
-from typing import Any
-
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
-from rich.text import Text
+from typing import TYPE_CHECKING, Any
 
 from bncheck.api._check import CheckResult, LayerCheck
 from bncheck.layers import Severity
@@ -30,6 +25,9 @@ from bncheck.report import (
     severity_counts,
 )
 from bncheck.wording import plural
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 SCHEMA = "bncheck.check/1"
 BAR_WIDTH = 20
@@ -195,6 +193,10 @@ def render_text(
     """The table, the output comparison, the findings, the summary. Info findings (and each
     later diverging layer, BN404) are listed with ``verbose`` or ``show_info`` (rules chosen
     with --select); otherwise counted."""
+    from rich.markup import escape
+    from rich.table import Table
+    from rich.text import Text
+
     info = result.info
     th = result.thresholds.layer
     scale = bar_scale(result)
@@ -253,6 +255,8 @@ def render_text(
 
 
 def _render_findings(result: CheckResult, console: Console, *, verbose: bool) -> None:
+    from rich.text import Text
+
     downstream = [f for f in result.findings if f.code == "BN404"]
     shown = [
         f

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import math
-from typing import Any
-
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
+from typing import TYPE_CHECKING, Any
 
 from bncheck.api._fold import FoldResult
 from bncheck.layers import ModelInfo
 from bncheck.report import dump_json, md_escape
 from bncheck.wording import plural
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 SCHEMA = "bncheck.fold/1"
 
@@ -135,6 +134,9 @@ def to_json(result: FoldResult) -> str:
 
 
 def render_text(result: FoldResult, console: Console) -> None:
+    from rich.table import Table
+    from rich.text import Text
+
     if result.steps:
         table = Table(title=f"fold {result.source.path}", title_justify="left", header_style="bold")
         table.add_column("BN layer", overflow="fold")

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
-from rich.text import Text
 
 from bncheck.api import InspectResult
 from bncheck.layers import BNLayer, Severity
@@ -25,6 +21,9 @@ from bncheck.report import (
     severity_counts,
 )
 from bncheck.wording import plural
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 SCHEMA = "bncheck.inspect/1"
 
@@ -145,6 +144,10 @@ def render_text(
 ) -> None:
     """The layer table, the findings (info ones with ``verbose`` or ``show_info``, i.e. rules
     chosen with --select; BN301 always), the summary."""
+    from rich.markup import escape
+    from rich.table import Table
+    from rich.text import Text
+
     info = result.info
     by_layer: dict[str | None, list] = {}
     for f in result.findings:
