@@ -499,14 +499,19 @@ def is_selected(code: str, select: Sequence[str] | None, ignore: Sequence[str] |
     return not _matches(code, ignore or [])
 
 
-def validate_codes(patterns: Iterable[str], known: Iterable[str]) -> None:
-    """Raise InputError for a --select/--ignore entry that matches no known code."""
+def validate_codes(patterns: Iterable[str], known: Iterable[str] | None = None) -> None:
+    """Raise InputError for a --select/--ignore entry that matches no ``known`` code (default:
+    every rule's; read only when there is an entry, as the data rules load a module of their
+    own)."""
     from bncheck.errors import InputError
 
-    known = list(known)
-    for p in patterns:
-        p = p.strip().upper()
-        if p and p != "ALL" and not any(k.startswith(p) for k in known):
+    wanted = [p.strip().upper() for p in patterns]
+    wanted = [p for p in wanted if p and p != "ALL"]
+    if not wanted:
+        return
+    codes = list(all_rules() if known is None else known)
+    for p in wanted:
+        if not any(k.startswith(p) for k in codes):
             raise InputError(f"unknown rule code or prefix {p!r} (see `bncheck rules`)")
 
 

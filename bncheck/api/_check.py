@@ -26,19 +26,19 @@ import numpy as np
 from bncheck.api._common import as_handle
 from bncheck.api._inspect import InspectRun, ModelEntry, each_model
 from bncheck.backends import ModelHandle
+from bncheck.backends.base import MomentRunner
 from bncheck.errors import InputError
 from bncheck.layers import BNLayer, Finding, ModelInfo, Severity
 from bncheck.mismatch import LayerMismatch, channel_metrics, first_diverging, summarize_layer
 from bncheck.numerics import Moments
-from bncheck.rules import all_rules, validate_codes
-from bncheck.rules_data import DATA_RULES, CheckThresholds, DataEvidence, run_data_rules
+from bncheck.rules import validate_codes
+from bncheck.rules_data import CheckThresholds, DataEvidence, run_data_rules
 from bncheck.wording import plural
 
 Progress = Callable[[int, "int | None"], None]
 # What the model's outputs are: "classify" (class scores: top-1 agreement is judged) or "other"
 # (an embedding, a feature map, boxes: the relative L2 alone).
 TASKS = ("classify", "other")
-MomentRunner = Callable[[Mapping[str, np.ndarray]], tuple[list[np.ndarray], dict[str, Moments]]]
 
 
 @dataclass
@@ -230,7 +230,7 @@ def check(
     """
     from bncheck.data import open_data
 
-    validate_codes([*(select or []), *(ignore or [])], [*all_rules(), *DATA_RULES])
+    validate_codes([*(select or []), *(ignore or [])])
     th = _thresholds(thresholds)
     task = task or "other"
     if task not in TASKS:

@@ -14,7 +14,7 @@ from bncheck.api._walk import expand, first_match, relative
 from bncheck.backends import ModelHandle
 from bncheck.errors import BncheckError, ExitCode, InputError, first_line
 from bncheck.layers import Finding, ModelInfo, Severity
-from bncheck.rules import all_rules, run_rules, validate_codes
+from bncheck.rules import run_rules, validate_codes
 
 
 @dataclass
@@ -43,8 +43,7 @@ def inspect(
 
     ``select`` / ``ignore`` take rule codes or prefixes (``BN1``, ``BN204``), like ruff.
     """
-    codes = all_rules().keys()
-    validate_codes([*(select or []), *(ignore or [])], codes)
+    validate_codes([*(select or []), *(ignore or [])])
     handle = as_handle(model, **open_options)
     # a backend may read the same ModelInfo more cheaply for a report (torch: fx, not export)
     info = getattr(handle, "report_info", handle.info)()
@@ -113,7 +112,7 @@ def inspect_paths(
     entry (``on_error`` is told at once) and the others are still inspected. A state dict found
     in a folder with no factory for it is skipped with a note; one named explicitly is an error.
     """
-    validate_codes([*(select or []), *(ignore or [])], all_rules().keys())
+    validate_codes([*(select or []), *(ignore or [])])
 
     def one(path: Path, factory: str | None) -> InspectResult:
         return inspect(path, select=select, ignore=ignore, arch=factory, **open_options)
