@@ -14,11 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on 3.10 only
-    import tomli as tomllib
-
 from bncheck.errors import InputError
 
 # Keys a pyproject may set, with the type each must have.
@@ -82,9 +77,18 @@ def load_config(start: Path | None = None) -> Config:
     if path is None:
         return Config()
     try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read [tool.bncheck] ({exc})") from None
+    if b"bncheck" not in raw:
+        return Config()  # no table of ours: the project's TOML is not ours to parse (or judge)
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - exercised on 3.10 only
+        import tomli as tomllib
+    try:
+        data = tomllib.loads(raw.decode())
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise InputError(f"{path}: cannot read [tool.bncheck] ({exc})") from None
     section = data.get("tool", {}).get("bncheck", {})
     if not isinstance(section, dict):

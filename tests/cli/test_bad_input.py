@@ -144,6 +144,26 @@ def test_trust_pickle_in_pyproject_is_ignored(run_cli, tmp_path, monkeypatch):
     assert not os.listdir(tmp_path) or set(os.listdir(tmp_path)) == {"pyproject.toml", "model.pt"}
 
 
+@pytest.mark.parametrize(
+    ("text", "code"),
+    [
+        (b"[tool.bncheck]\nignore = [\n", 2),  # our table, broken: the user must hear of it
+        (b"[tool.bncheck]\nformat = '\xff'\n", 2),  # not UTF-8
+        (b"[project]\nname = \n", 0),  # a broken TOML with no table of ours: not our business
+    ],
+)
+def test_pyproject_is_judged_only_for_its_bncheck_table(run_cli, tmp_path, monkeypatch, text, code):
+    (tmp_path / "pyproject.toml").write_bytes(text)
+    p = tmp_path / "m.onnx"
+    p.write_bytes(tiny_onnx_model().SerializeToString())
+    monkeypatch.chdir(tmp_path)
+    result = run_cli("inspect", p, "--fail-on", "never")
+    if code == 2:
+        assert_clean_error(result, "cannot read [tool.bncheck]")
+    else:
+        assert result.code == 0, result.err
+
+
 def test_ctrl_c_inside_an_extension_import_is_an_interrupt(monkeypatch, capsys):
     # Commands import torch/onnxruntime when they start; Ctrl-C during a compiled module's
     # init surfaces as ImportError("initialization failed") raised from the KeyboardInterrupt
