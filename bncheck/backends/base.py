@@ -10,14 +10,18 @@ import abc
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from bncheck.layers import FoldStep, ModelInfo
-from bncheck.numerics import Moments
+
+if TYPE_CHECKING:  # numerics is not loaded by what needs no math (inspect)
+    from bncheck.numerics import Moments
 
 Feeds = Mapping[str, np.ndarray]
-MomentRunner = Callable[[Feeds], tuple[list[np.ndarray], dict[str, Moments]]]
+# one batch → (model outputs, {BN layer name: Moments of its input})
+MomentRunner = Callable[[Feeds], "tuple[list[np.ndarray], dict[str, Moments]]"]
 
 
 def _no_device_memory() -> int | None:

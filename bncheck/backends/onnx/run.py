@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-import secrets
 import sys
 import tempfile
 import weakref
@@ -352,7 +351,7 @@ def save_onnx(model: ModelProto, path: Path, *, external_data: bool | None = Non
         if external_data:
             os.close(fd)
             while True:
-                data = folder / f"{path.stem}.{secrets.token_hex(4)}.data"
+                data = folder / f"{path.stem}.{os.urandom(4).hex()}.data"
                 if not data.exists():
                     break
             copy = ModelProto()

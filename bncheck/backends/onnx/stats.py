@@ -29,18 +29,17 @@ Never imports torch.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from bncheck.backends.base import MomentRunner
 from bncheck.backends.onnx.graph import attr, node_label, opset_version
 from bncheck.errors import InputError
 from bncheck.numerics import Moments
-
-MomentRunner = Callable[[Mapping[str, np.ndarray]], tuple[list[np.ndarray], dict[str, Moments]]]
 
 _TAP = "__bncheck_tap"
 

@@ -35,17 +35,16 @@ from __future__ import annotations
 import copy
 import operator
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
+from bncheck.backends.base import MomentRunner
 from bncheck.backends.torch.copying import copy_module
 from bncheck.backends.torch.graph import BN_OPS, op_args, packet
 from bncheck.errors import InputError
 from bncheck.numerics import Moments
-
-MomentRunner = Callable[[Mapping[str, np.ndarray]], tuple[list[np.ndarray], dict[str, Moments]]]
 
 
 def _layer_name(gm: Any, node: Any) -> str | None:
