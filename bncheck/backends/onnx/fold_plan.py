@@ -171,7 +171,6 @@ def _walk_producer(
     ``problem`` says why a weighted node upstream cannot be reached cleanly (a fan-out).
     """
     immediate = index.producer.get(facts.x)
-    rank = index.rank(facts.x)
     chain: list[NodeProto] = []
     problem: str | None = None
     name, below = facts.x, facts.node
@@ -187,7 +186,10 @@ def _walk_producer(
         const_ins = [i for i in node.input if index.is_constant(i)]
         if len(node.input) != 2 or len(var_ins) != 1 or len(const_ins) != 1:
             break
-        if not per_channel(index.const_shape(const_ins[0]) or (), rank, facts.channels):
+        # the rank asks for shape inference: only a chain needs it, a producer right above not
+        if not per_channel(
+            index.const_shape(const_ins[0]) or (), index.rank(facts.x), facts.channels
+        ):
             break
         if problem is None:
             others = _other_uses(index, name, below)
