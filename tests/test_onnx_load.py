@@ -269,8 +269,8 @@ def test_large_tensors_are_counted_from_sizes_not_read(tmp_path, monkeypatch):
     open_onnx(p)
     assert seen == {"w1": True, "w2": True, "g": False, "b": False, "m": False, "v": False}
     model = onnx.load(str(p))
-    assert load_mod._sizes_as_declared(model, p.stat().st_size)
-    assert not load_mod._sizes_as_declared(model, p.stat().st_size + 1)
+    assert load_mod.sizes_as_declared(model, p.stat().st_size)
+    assert not load_mod.sizes_as_declared(model, p.stat().st_size + 1)
 
 
 def test_a_large_tensor_shorter_than_declared_is_named(tmp_path):

@@ -85,38 +85,71 @@ def _stub_bytes(t: TensorProto) -> int | None:
     return itemsize
 
 
-def checker_view(model: ModelProto) -> ModelProto:
-    """``model`` for ``onnx.checker``, with each large top-level initializer replaced by a
+def bare_copy(model: ModelProto) -> tuple[ModelProto, dict[int, int]]:
+    """A copy of ``model`` in which each large plain-raw top-level initializer keeps every
+    field but its bytes; with those initializers' positions and element sizes.
+
+    What needs the graph and not the weights reads this copy: the model's encoded size
+    (:func:`declared_size`) and the checker (:func:`stub_in_place`). One copy serves both in
+    ``load``, where the model is copied once."""
+    view = without_initializers(model)
+    bare: dict[int, int] = {}
+    for i, t in enumerate(model.graph.initializer):
+        itemsize = _stub_bytes(t)
+        if itemsize is None:
+            view.graph.initializer.append(t)
+        else:
+            _copy_all_but_raw(t, view.graph.initializer.add())
+            bare[i] = itemsize
+    return view, bare
+
+
+def declared_size(view: ModelProto, bare: dict[int, int]) -> int:
+    """Bytes of the model ``view`` was copied from (:func:`bare_copy`) when each bare tensor
+    holds the bytes its dims and type declare, as protobuf encodes it.
+
+    Each bare tensor is encoded without its bytes, and its ``raw_data`` field, the
+    initializer's and the graph's length prefixes are added by arithmetic."""
+    raw = TensorProto.DESCRIPTOR.fields_by_name["raw_data"].number
+    init = GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
+    graph = ModelProto.DESCRIPTOR.fields_by_name["graph"].number
+    grow = 0
+    for i in bare:
+        t = view.graph.initializer[i]
+        size = t.ByteSize()
+        full = size + _field_bytes(raw, _element_bytes(t, tensor_element_count(t)) or 0)
+        grow += _field_bytes(init, full) - _field_bytes(init, size)
+    g = view.graph.ByteSize()
+    return view.ByteSize() - _field_bytes(graph, g) + _field_bytes(graph, g + grow)
+
+
+def stub_in_place(view: ModelProto, bare: dict[int, int]) -> ModelProto:
+    """``view`` (:func:`bare_copy`) for ``onnx.checker``: each bare tensor becomes a
     one-element tensor of the same name and type.
 
     The checker serializes the whole model (a full copy of every weight, plus onnx's size
     check: most of the time ``inspect`` took on a 100 MB model) but, of a plain raw-data
     tensor, only checks that its bytes match its dims — which loading has already checked for
     every tensor (``load._check_tensor``; for these, the file's size may stand in:
-    :func:`_sizes_as_declared`). Everything else it checks (nodes, names, types, opsets,
+    :func:`sizes_as_declared`). Everything else it checks (nodes, names, types, opsets,
     functions, subgraphs) is kept."""
-    view = without_initializers(model)
-    for t in model.graph.initializer:
-        itemsize = _stub_bytes(t)
-        if itemsize is None:
-            view.graph.initializer.append(t)
-            continue
-        stub = view.graph.initializer.add()
-        stub.name, stub.data_type = t.name, t.data_type
-        stub.dims.append(1)
-        stub.raw_data = bytes(itemsize)
+    for i, itemsize in bare.items():
+        t = view.graph.initializer[i]
+        t.ClearField("dims")
+        t.dims.append(1)
+        t.raw_data = bytes(itemsize)
     return view
 
 
+def checker_view(model: ModelProto) -> ModelProto:
+    """``model`` for ``onnx.checker`` (:func:`stub_in_place`)."""
+    return stub_in_place(*bare_copy(model))
+
+
 def serialized_size(model: ModelProto) -> int:
-    """``model.ByteSize()`` to within a few bytes per tensor, without encoding every weight
-    (protobuf's ByteSize serializes the whole message: seconds for a 500 MB model): the
-    checker view's size plus the declared bytes of the tensors it stubs."""
-    size = checker_view(model).ByteSize()
-    for t in model.graph.initializer:
-        if _stub_bytes(t) is not None:
-            size += _element_bytes(t, tensor_element_count(t)) or 0
-    return size
+    """``model.ByteSize()`` without encoding every weight (protobuf's ByteSize serializes the
+    whole message: seconds for a 500 MB model)."""
+    return declared_size(*bare_copy(model))
 
 
 def _vlen(n: int) -> int:
@@ -144,34 +177,20 @@ def _copy_all_but_raw(src: TensorProto, dst: TensorProto) -> None:
                 setattr(dst, fd.name, getattr(src, fd.name))
 
 
-def _sizes_as_declared(model: ModelProto, file_size: int) -> bool:
-    """Whether the large raw-data initializers of the main graph (those :func:`checker_view`
-    stubs) hold, together, exactly the bytes their dims and types declare: the model, encoded
-    with each of them holding its declared bytes, is as long as the file it was read from.
+def sizes_as_declared(
+    model: ModelProto, file_size: int, copy: tuple[ModelProto, dict[int, int]] | None = None
+) -> bool:
+    """Whether the large raw-data initializers of the main graph (those :func:`bare_copy`
+    leaves bare) hold, together, exactly the bytes their dims and types declare: the model,
+    encoded with each of them holding its declared bytes, is as long as the file it was read
+    from. ``copy``: ``bare_copy(model)``, when the caller has it.
 
-    Reading ``raw_data`` copies it (0.8 s for a 500 MB model), the tensors' sizes do not: each
-    tensor is encoded without its bytes, and its ``raw_data`` field, the initializer's and
-    the graph's length prefixes are added by arithmetic. A file encoded other than the way
-    protobuf writes it (packed dims, say) does not match, and its tensors are then counted
-    one by one. Equal totals from a tensor that stores more than it declares and one that
-    stores less reach later readers, which refuse such a tensor (:meth:`GraphIndex.const`)."""
-    if not any(_stub_bytes(t) is not None for t in model.graph.initializer):
-        return False  # nothing to count (weights held in Constant nodes, say): skip the work
-    raw = TensorProto.DESCRIPTOR.fields_by_name["raw_data"].number
-    init = GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
-    graph = ModelProto.DESCRIPTOR.fields_by_name["graph"].number
-    view = without_initializers(model)
-    grow = 0
-    for t in model.graph.initializer:
-        if _stub_bytes(t) is None:
-            view.graph.initializer.append(t)
-            continue
-        bare = view.graph.initializer.add()
-        _copy_all_but_raw(t, bare)
-        size = bare.ByteSize()
-        declared = _element_bytes(t, tensor_element_count(t)) or 0
-        full = size + _field_bytes(raw, declared)
-        grow += _field_bytes(init, full) - _field_bytes(init, size)
-    g = view.graph.ByteSize()
-    total = view.ByteSize() - _field_bytes(graph, g) + _field_bytes(graph, g + grow)
-    return total == file_size
+    Reading ``raw_data`` copies it (0.8 s for a 500 MB model), the tensors' sizes do not
+    (:func:`declared_size`). A file encoded other than the way protobuf writes it (packed
+    dims, say) does not match, and its tensors are then counted one by one. Equal totals from
+    a tensor that stores more than it declares and one that stores less reach later readers,
+    which refuse such a tensor (:meth:`GraphIndex.const`)."""
+    view, bare = copy or bare_copy(model)
+    if not bare:
+        return False  # nothing to count (weights held in Constant nodes, say)
+    return declared_size(view, bare) == file_size

@@ -7,7 +7,7 @@ file with a single hard link (onnxruntime follows hard links that onnx refuses),
 ``offset + length`` bytes. Declared tensor sizes are checked against a cap and against the
 bytes actually stored, so a small file cannot make us allocate gigabytes (the large
 initializers of the main graph are counted from the file's size when it matches:
-``encoding._sizes_as_declared``).
+``encoding.sizes_as_declared``).
 """
 
 from __future__ import annotations
@@ -22,10 +22,11 @@ from onnx import AttributeProto, GraphProto, ModelProto, TensorProto
 
 from bncheck.backends.onnx.encoding import (
     _element_bytes,
-    _sizes_as_declared,
-    _stub_bytes,
+    bare_copy,
     checker_view,
     serialized_size,
+    sizes_as_declared,
+    stub_in_place,
 )
 from bncheck.backends.onnx.graph import (
     constant_tensor,
@@ -166,7 +167,7 @@ def _check_tensor(
     t: TensorProto, path: Path, files: _ExternalFiles, *, counted: bool = False
 ) -> None:
     """Declared size sane, stored bytes consistent, external reference safe (no reads).
-    ``counted``: its raw bytes were found to match its dims by :func:`_sizes_as_declared`."""
+    ``counted``: its raw bytes were found to match its dims by :func:`sizes_as_declared`."""
     name = t.name or "<unnamed>"
     n = 1
     for d in t.dims:
@@ -315,15 +316,13 @@ def load_model(path: Path) -> tuple[ModelProto, bool]:
 
     # The file read is the file stat'ed (same size and time before and after the read).
     read = before if before is not None and before == _stat(path) else None
-    counted = read is not None and _sizes_as_declared(model, read[0])
-    top = len(model.graph.initializer)  # iter_tensors yields them first
+    copy = bare_copy(model)  # the graph without its large weights' bytes: counted, checked
+    counted = read is not None and sizes_as_declared(model, read[0], copy)
     files = _ExternalFiles(path)
     try:
         tensors = list(iter_tensors(model))
-        for i, t in enumerate(tensors):
-            _check_tensor(
-                t, path, files, counted=counted and i < top and _stub_bytes(t) is not None
-            )
+        for i, t in enumerate(tensors):  # iter_tensors yields the top-level initializers first
+            _check_tensor(t, path, files, counted=counted and i in copy[1])
         external = [t for t in tensors if t.data_location == TensorProto.EXTERNAL]
         for t in external:
             _read_external(t, files)
@@ -333,7 +332,8 @@ def load_model(path: Path) -> tuple[ModelProto, bool]:
     _check_constant_of_shape(model, path)
 
     try:
-        view = checker_view(model)
+        # external tensors were copied as references: read now, they are stubbed as well
+        view = checker_view(model) if external else stub_in_place(*copy)
         if view.ByteSize() < MAX_PROTO_BYTES:
             onnx.checker.check_model(view)
         else:  # a graph too large to serialize in memory: let the checker read the file
