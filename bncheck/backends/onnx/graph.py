@@ -146,10 +146,11 @@ def tensor_specs(values: list[onnx.ValueInfoProto]) -> tuple[TensorSpec, ...]:
     return tuple(specs)
 
 
-def infer_shapes(
+def inferred_values(
     model: ModelProto, input_shapes: dict[str, tuple[int, ...]] | None = None
-) -> dict[str, Dims]:
-    """Shapes of the top-level graph's tensors by onnx shape inference (empty where it fails).
+) -> dict[str, onnx.ValueInfoProto]:
+    """The top-level graph's values (inputs, value_info, outputs) after onnx shape inference,
+    by name (as declared where inference fails).
 
     Runs on a light copy: large initializers keep their dims but not their data.
     ``input_shapes`` (graph input name → shape) fixes dynamic input dims first.
@@ -182,13 +183,21 @@ def infer_shapes(
         inferred = onnx.shape_inference.infer_shapes(light, check_type=False, strict_mode=False)
     except Exception:  # inference is a help, not a requirement: unknown ranks stay unknown
         inferred = light
-    out: dict[str, Dims] = {}
     ig = inferred.graph
-    for vi in [*ig.input, *ig.value_info, *ig.output]:
+    return {vi.name: vi for vi in [*ig.input, *ig.value_info, *ig.output]}
+
+
+def infer_shapes(
+    model: ModelProto, input_shapes: dict[str, tuple[int, ...]] | None = None
+) -> dict[str, Dims]:
+    """Shapes of the top-level graph's tensors by onnx shape inference (empty where it fails;
+    see :func:`inferred_values`); an initializer's are its dims."""
+    out: dict[str, Dims] = {}
+    for name, vi in inferred_values(model, input_shapes).items():
         dims = value_dims(vi)
         if dims is not None:
-            out[vi.name] = dims
-    for t in g.initializer:
+            out[name] = dims
+    for t in model.graph.initializer:
         out[t.name] = tuple(int(d) for d in t.dims)
     return out
 
