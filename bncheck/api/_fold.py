@@ -60,6 +60,7 @@ def fold(
     *,
     data: str | os.PathLike[str] | None = None,
     verify: bool = True,
+    verify_whole: bool = False,
     affine: bool = False,
     rtol: float | None = None,
     atol: float | None = None,
@@ -72,7 +73,9 @@ def fold(
     that changes the function leaves nothing behind. ``affine`` turns BNs that cannot fold
     into a per-channel scale and shift. ``rtol``/``atol`` replace the derived tolerance
     (``numerics.verify``). A model in which nothing folds is not verified (it is unchanged);
-    with ``output`` it is written as it is.
+    with ``output`` it is written as it is. Where the fold leaves a large tail of the model as
+    it was, the tensors that tail starts from are compared instead of the outputs
+    (``verify_same_function``), unless ``verify_whole``.
     """
     for name, value in (("rtol", rtol), ("atol", atol)):
         if value is not None and not value >= 0:
@@ -99,7 +102,7 @@ def fold(
         # A torch model traced with dynamic dims is verified at its example's shape.
         shapes = open_options.get("input_shapes") or getattr(handle, "example_shapes", None)
         result.verification = verify_same_function(
-            handle, folded, data=data, input_shapes=shapes, rtol=rtol, atol=atol
+            handle, folded, data=data, input_shapes=shapes, rtol=rtol, atol=atol, whole=verify_whole
         )
     if out is not None and result.passed:
         folded.save(out)

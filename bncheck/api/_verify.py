@@ -71,6 +71,8 @@ class Verification:
     outputs: list[OutputVerdict] = field(default_factory=list)
     suggested: Tolerance | None = None
     notes: list[str] = field(default_factory=list)
+    # set when the tensors compared are where the changes end, not the outputs: what was left
+    region: str | None = None
 
     @property
     def worst(self) -> OutputVerdict | None:
@@ -105,6 +107,7 @@ def verify_same_function(
     max_samples: int = VERIFY_SAMPLES,
     seconds: float | None = None,
     seed: int = 0,
+    whole: bool = False,
 ) -> Verification:
     """Run both models on ``data`` (or seeded N(0, 1) input) and judge every output.
 
@@ -113,7 +116,15 @@ def verify_same_function(
     ``input_shapes``' batch dim when given, else what fits :data:`BATCH_ELEMENTS`; a model that
     fails at that batch but runs at batch 1 is verified sample by sample. ``seconds`` (default
     :data:`VERIFY_SECONDS`) is the run-time budget that sets how many samples run.
+
+    Where the candidate ends in a large part that is provably the original's (the same nodes
+    on bit-identical weights: ``ModelHandle.changed_part``), the tensors it starts from are
+    judged instead of the outputs, unless ``whole``: both models apply that same part to them.
     """
+    part = None if whole else original.changed_part(candidate)
+    region = None
+    if part is not None:
+        original, candidate, region = part
     info = original.info()
     dtype = model_dtype(info)
 
@@ -157,13 +168,14 @@ def verify_same_function(
         atol=top.atol if top else (atol or 0.0),
         max_abs_error=top.max_abs_error if top else 0.0,
         max_rel_error=top.max_rel_error if top else 0.0,
-        top1_agreement=run.tally.top1,
+        top1_agreement=None if region else run.tally.top1,  # argmax of a hidden tensor: noise
         passed=all(v.passed for v in verdicts),
         worst_output=top.name if top else None,
         basis=_basis_text(top, dtype, how) if top else "",
         outputs=verdicts,
         suggested=passing_tolerance(verdicts),
         notes=run.notes,
+        region=region,
     )
 
 

@@ -82,6 +82,12 @@ class ModelHandle(abc.ABC):
         per-channel scale and shift. Returns the new model and one step per BN layer."""
         raise NotImplementedError(f"{type(self).__name__} cannot fold")
 
+    def changed_part(self, other: ModelHandle) -> tuple[ModelHandle, ModelHandle, str] | None:
+        """This model and ``other`` (a transformed copy of it) cut where ``other``'s changes
+        end, when what follows is large and provably the same in both; with words for what
+        was left out. None: compare them whole (the default)."""
+        return None
+
     def moment_runner(self, *, batch_stats: bool) -> MomentRunner:
         """A callable: one batch → (model outputs, {BN layer name: Moments of its input}).
 

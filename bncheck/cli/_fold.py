@@ -59,6 +59,14 @@ def fold(
     no_verify: Annotated[
         bool, typer.Option("--no-verify", help="skip the equivalence check")
     ] = False,
+    verify_whole: Annotated[
+        bool,
+        typer.Option(
+            "--verify-whole",
+            help="compare the outputs even where the fold leaves most of the weights in an "
+            "unchanged tail (by default the tensors that tail reads are compared)",
+        ),
+    ] = False,
     affine: Annotated[
         bool, typer.Option("--affine", help="turn BNs that cannot fold into a scale and shift")
     ] = False,
@@ -101,6 +109,7 @@ def fold(
         output,
         data=data_spec(params, opts.config),
         verify=not no_verify,
+        verify_whole=verify_whole,
         affine=affine,
         rtol=rtol,
         atol=atol,

@@ -45,7 +45,8 @@ def verification_line(result: FoldResult) -> str:
     w = v.worst
     if w is None:
         return f"{head}: the model has no outputs to compare"
-    err = f"worst output '{w.name}': max|Δ| {_g(w.max_abs_error)}"
+    what = f"output '{w.name}'" if v.region is None else f"tensor '{w.name}' ({v.region})"
+    err = f"worst {what}: max|Δ| {_g(w.max_abs_error)}"
     if w.max_ref > 0 and math.isfinite(w.max_abs_error):
         err += f" = {w.max_rel_error:.2g} × max|ref| {_g(w.max_ref)}"
     tol = f"rtol {w.rtol:.2g}" + (f" + atol {w.atol:.2g}" if w.atol else "")

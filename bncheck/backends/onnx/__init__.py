@@ -115,6 +115,30 @@ class OnnxHandle(ModelHandle):
         )
         return handle, steps
 
+    def changed_part(self, other: ModelHandle) -> tuple[OnnxHandle, OnnxHandle, str] | None:
+        """Both models cut at the frontier of ``other``'s rewrites when the unchanged tail
+        holds most of the weights (:mod:`bncheck.backends.onnx.region`)."""
+        if not isinstance(other, OnnxHandle):
+            return None
+        from bncheck.backends.onnx.region import changed_part
+        from bncheck.wording import plural
+
+        part = changed_part(self.model, other.model)
+        if part is None:
+            return None
+
+        def cut(model: ModelProto) -> OnnxHandle:
+            return OnnxHandle(
+                self.path, model, input_shapes=self.input_shapes, weights=self.weights
+            )
+
+        words = (
+            f"where the changes end: the {plural(part.tail_nodes, 'node')} after "
+            f"{'it' if len(part.frontier) == 1 else 'them'} are the original's, on the same "
+            f"{part.tail_bytes / 2**20:,.0f} MiB of weights"
+        )
+        return cut(part.original), cut(part.folded), words
+
     def moment_runner(self, *, batch_stats: bool) -> Any:
         from bncheck.backends.onnx.stats import moment_runner
 
