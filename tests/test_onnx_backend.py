@@ -442,6 +442,24 @@ def test_failed_write_leaves_previous_file(tmp_path, rng, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.onnx"]
 
 
+def test_a_write_is_flushed_to_disk_only_when_it_replaces_a_file(tmp_path, rng, monkeypatch):
+    # A crash must leave the old file or the new one; a new file it may cost, as onnx.save.
+    m, _ = conv_bn_model(rng)
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(onnx_run.os, "fsync", lambda fd: synced.append(fd) or real(fd))
+    out = tmp_path / "out.onnx"
+    save_onnx(m, out)
+    assert synced == [] and onnx.load(out) == m
+    save_onnx(m, out)
+    assert len(synced) == 1 and onnx.load(out) == m
+    monkeypatch.setattr(onnx_run, "EXTERNAL_TENSOR_MIN_BYTES", 1)  # every tensor goes out
+    save_onnx(m, tmp_path / "ext.onnx", external_data=True)
+    assert len(synced) == 1
+    save_onnx(m, tmp_path / "ext.onnx", external_data=True)
+    assert len(synced) == 3  # the data file and the .onnx
+
+
 def test_input_shapes_normalized(tmp_path, rng):
     m, _ = conv_bn_model(rng)
     p = save(tmp_path, m)

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import ModelProto, TensorProto
 
-from bncheck.atomic import as_new_file, temp_beside
+from bncheck.atomic import as_new_file, sync_if_replacing, temp_beside
 from bncheck.backends.onnx.encoding import plain_raw, without_initializers
 from bncheck.backends.onnx.graph import tensor_element_count
 from bncheck.backends.onnx.load import iter_tensors, serialized_size
@@ -309,14 +309,6 @@ def _unlink(p: Path | None) -> None:
         p.unlink(missing_ok=True)
 
 
-def _fsync(p: Path) -> None:
-    fd = os.open(p, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_onnx(model: ModelProto, path: Path, *, external_data: bool | None = None) -> None:
     """Write ``model`` to ``path`` atomically.
 
@@ -367,15 +359,13 @@ def save_onnx(model: ModelProto, path: Path, *, external_data: bool | None = Non
             del copy
             if data.exists():
                 as_new_file(data)  # onnx creates it 0600; the .onnx beside it is 0644
-                _fsync(data)
+                sync_if_replacing(data, path)  # the replaced .onnx's data goes with it
             else:  # no tensor was large enough to go out
                 data = None
-            _fsync(tmp)
         else:
             with os.fdopen(fd, "wb") as f:
                 f.write(model.SerializeToString())
-                f.flush()
-                os.fsync(f.fileno())
+        sync_if_replacing(tmp, path)
         os.replace(tmp, path)
     except BaseException as exc:
         _unlink(tmp)

@@ -1,8 +1,8 @@
 """Atomic writers for PyTorch models: .pt2, ONNX, state dict, safetensors, trusted pickle.
 
-Every writer goes to a temporary file in the target folder, is flushed to disk, and is renamed
-into place; on any failure the temporary file is removed and an existing file at the target
-is left as it was.
+Every writer goes to a temporary file in the target folder and is renamed into place (flushed
+to disk first when it replaces a file: ``bncheck.atomic``); on any failure the temporary file
+is removed and an existing file at the target is left as it was.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from bncheck.atomic import temp_beside
+from bncheck.atomic import sync_if_replacing, temp_beside
 from bncheck.errors import InputError
 
 ONNX_OPSET = 18
@@ -30,8 +30,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield tmp_path
-        with open(tmp_path, "rb") as f:
-            os.fsync(f.fileno())
+        sync_if_replacing(tmp_path, path)
         os.replace(tmp_path, path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
