@@ -196,14 +196,21 @@ def rows(f: dict[str, str], out: Path) -> list[tuple[str, list[str], list[str], 
     ]
 
 
-def measure(bn: list[str], floor: list[str], repeat: int, env: dict[str, str]):
+def measure(bn: list[str], floor: list[str], repeat: int, env: dict[str, str], out: Path):
+    def fresh(cmd: list[str]) -> tuple[float, float, int]:
+        # every run writes a new file, as a user's first run does (a rerun over an earlier
+        # output also flushes it to disk before the rename: bncheck.atomic)
+        for p in out.iterdir():
+            p.unlink()
+        return run(cmd, env)
+
     pairs = []
     for i in range(repeat):
         # alternate which goes first, so a drift in machine load does not favour either
         if i % 2 == 0:
-            b, f = run(bn, env), run(floor, env)
+            b, f = fresh(bn), fresh(floor)
         else:
-            f, b = run(floor, env), run(bn, env)
+            f, b = fresh(floor), fresh(bn)
         pairs.append((b, f))
     return pairs
 
@@ -261,7 +268,7 @@ def main() -> None:
     for i, (label, bn, floor, kind, goal) in enumerate(rows(f, out), 1):
         if args.only and i not in args.only:
             continue
-        print(fmt_row(label, kind, goal, measure(bn, floor, args.repeat, env)), flush=True)
+        print(fmt_row(label, kind, goal, measure(bn, floor, args.repeat, env, out)), flush=True)
 
 
 if __name__ == "__main__":
