@@ -21,7 +21,11 @@ from typing import NamedTuple
 from onnx import AttributeProto, ModelProto, NodeProto, TensorProto
 
 from bncheck.backends.onnx.encoding import _element_bytes, without_initializers
-from bncheck.backends.onnx.graph import inferred_values, tensor_element_count
+from bncheck.backends.onnx.graph import (
+    _subgraph_outer_reads,
+    inferred_values,
+    tensor_element_count,
+)
 
 #: The unchanged tail must hold at least this share of the model's weight bytes...
 TAIL_SHARE = 0.5
@@ -128,12 +132,9 @@ def _has_subgraph(node: NodeProto) -> bool:
 
 
 def _reads(node: NodeProto) -> Iterable[str]:
-    """Every name ``node`` reads, inside its subgraphs too (which read outer names freely)."""
+    """Every name ``node`` reads, its subgraphs' outer-scope reads too."""
     yield from node.input
-    for a in node.attribute:
-        for g in [a.g] if a.type == AttributeProto.GRAPH else list(a.graphs):
-            for inner in g.node:
-                yield from _reads(inner)
+    yield from _subgraph_outer_reads(node)
 
 
 def _ancestors(nodes: Iterable[NodeProto], start: list[int]) -> set[int]:
