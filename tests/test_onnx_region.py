@@ -197,3 +197,31 @@ def test_cli_fold_reports_the_tensor_it_compared(run_cli, model_path, tmp_path, 
     assert "worst tensor 'n' (where the changes end" in " ".join(r.out.split())
     r = run_cli("inspect", out, "--fail-on", "error")
     assert r.code == 0, r.err
+
+
+def test_fold_frees_the_input_it_opened_before_writing(model_path, tmp_path, monkeypatch):
+    # Encoding a 500 MB model takes twice its size: the input must not be held beside it.
+    import gc
+    import weakref
+
+    from bncheck.backends.onnx import OnnxHandle
+
+    opened, seen = [], []
+    real_folded, real_save = OnnxHandle.folded, OnnxHandle.save
+
+    def folded(self, **kw):
+        opened.append(weakref.ref(self))
+        return real_folded(self, **kw)
+
+    def save(self, path):
+        gc.collect()
+        seen.append(opened[-1]() is None)
+        real_save(self, path)
+
+    monkeypatch.setattr(OnnxHandle, "folded", folded)
+    monkeypatch.setattr(OnnxHandle, "save", save)
+    assert api.fold(model_path, tmp_path / "a.onnx").passed
+    mine = open_onnx(model_path)  # a caller's handle stays the caller's
+    assert api.fold(mine, tmp_path / "b.onnx").passed
+    assert seen == [True, False]
+    assert mine.info().bn_layers  # still usable
