@@ -261,3 +261,58 @@ def test_image_options_are_refused_for_a_hook(hooks) -> None:
     spec = DataSpec(_npy(hooks, X), explicit=frozenset({"--mean", "--crop"}))
     with pytest.raises(InputError, match=r"ref\.npy: --crop, --mean preprocess images; this is"):
         open_data(spec, inputs=ONE)
+
+
+STATE_DICT_HOOKS = """
+import numpy as np
+from torch import nn
+
+calls = []
+
+
+def make():  # no example_input_shape: the state dict alone says nothing of the input
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Flatten(), nn.Linear(4 * 12 * 20, 5),
+    )
+
+
+def batches(n=3):
+    calls.append(n)
+    rng = np.random.default_rng(0)
+    for _ in range(n):
+        yield rng.normal(size=(4, 3, 12, 20)).astype(np.float32), np.zeros(4)
+"""
+
+
+def test_a_state_dict_takes_its_input_shape_from_the_hooks_first_batch(
+    run_cli, tmp_path, monkeypatch
+) -> None:
+    # Without it the model was traced at a guessed 32x32 and the hook's 12x20 samples were
+    # refused (check), or fold asked for --input-shape "or --data" when --data was given.
+    import onnx
+    import torch
+
+    (tmp_path / "sd_hooks.py").write_text(STATE_DICT_HOOKS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    sys.modules.pop("sd_hooks", None)
+    import sd_hooks
+
+    torch.save(sd_hooks.make().state_dict(), tmp_path / "m.pt")
+    args = ["--arch", "sd_hooks:make", "--data", "sd_hooks:batches"]
+    r = run_cli("fold", "m.pt", *args, "-o", "m.onnx", "-q")
+    assert r.code == 0, r.err
+    dims = onnx.load(tmp_path / "m.onnx").graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_value or d.dim_param for d in dims][1:] == [3, 12, 20]
+    assert not dims[0].dim_value  # the batch stays dynamic
+    r = run_cli("check", "m.pt", *args, "--fail-on", "never", "--format", "json")
+    assert r.code == 0, r.err
+    assert "12 samples" in r.out or '"samples": 12' in r.out
+    # a model given its shape does not call the hook to peek
+    before = len(sd_hooks.calls)
+    r = run_cli("check", "m.pt", *args, "--input-shape", "1,3,12,20", "--fail-on", "never", "-q")
+    assert r.code == 0, r.err
+    peeks = len(sd_hooks.calls) - before
+    sys.modules.pop("sd_hooks", None)
+    assert peeks == 1  # one pass, no peek

@@ -62,8 +62,8 @@ def use_data_shapes(handle: ModelHandle, data: Any) -> None:
     apply); data that cannot be read is left for ``open_data`` to report with the model's
     inputs at hand."""
     take = getattr(handle, "use_data_shapes", None)
-    if take is None:  # an ONNX model carries its own shapes
-        return
+    if take is None or not getattr(handle, "wants_data_shapes", True):
+        return  # an ONNX model carries its own shapes, so does a .pt2 or an --input-shape
     from bncheck.data.source import sample_shapes
 
     try:

@@ -28,7 +28,7 @@ from bncheck.errors import BncheckError, InputError, first_line
 from bncheck.layers import TensorSpec
 from bncheck.usercode import import_callable, looks_like_target
 
-__all__ = ["HookSource", "hook_batches", "hook_target", "open_hook"]
+__all__ = ["HookSource", "hook_batches", "hook_sample_shapes", "hook_target", "open_hook"]
 
 
 def _call(where: str, make: Callable[[], Any], when: str) -> Any:
@@ -261,37 +261,7 @@ class HookSource(DataSource):
     def _arrays(self, item: Any, index: int, notes: list[str] | None) -> dict[str, np.ndarray]:
         """One batch of the hook as input name → array, validated against the first batch."""
         where = self.label
-        if isinstance(item, tuple | list):
-            if not item:
-                raise InputError(f"{where}: batch {index} is an empty {type(item).__name__}")
-            item = item[0]  # (x, y, ...): the first item is the input
-        names = self._names
-        if isinstance(item, Mapping):
-            if all(n in item for n in names):
-                chosen = {n: item[n] for n in names}
-                extra = sorted(str(k) for k in item if k not in names)
-                if extra and notes is not None:
-                    notes.append(f"{where}: keys not used by the model: {', '.join(extra)}")
-            elif len(item) == 1 and len(names) == 1:
-                chosen = {names[0]: next(iter(item.values()))}
-            else:
-                missing = next(n for n in names if n not in item)
-                keys = ", ".join(map(str, item)) or "none"
-                raise InputError(
-                    f"{where}: batch {index} has no key {missing!r} for the model input "
-                    f"(its keys: {keys})"
-                )
-        else:
-            if len(names) != 1:
-                raise InputError(
-                    f"{where}: batch {index} is one array but the model has {len(names)} inputs "
-                    f"({', '.join(names)}): yield dicts input name → array"
-                )
-            chosen = {names[0]: item}
-        arrays = {n: _as_numpy(where, n, index, v) for n, v in chosen.items()}
-        counts = {len(a) for a in arrays.values()}
-        if len(counts) > 1:
-            raise InputError(f"{where}: batch {index} holds different sample counts per input")
+        arrays = _input_arrays(where, item, index, self._names, notes)
         if index and hasattr(self, "_shapes"):
             for n, a in arrays.items():
                 if a.shape[1:] != self._shapes[n]:
@@ -303,6 +273,42 @@ class HookSource(DataSource):
                 if a.dtype != self._dtypes[n]:
                     check_dtype(where, n, a.dtype, self.targets[n], [])
         return arrays
+
+
+def _input_arrays(
+    where: str, item: Any, index: int, names: Sequence[str], notes: list[str] | None
+) -> dict[str, np.ndarray]:
+    """One batch of a hook as model input name → numpy array (one sample count for all)."""
+    if isinstance(item, tuple | list):
+        if not item:
+            raise InputError(f"{where}: batch {index} is an empty {type(item).__name__}")
+        item = item[0]  # (x, y, ...): the first item is the input
+    if isinstance(item, Mapping):
+        if all(n in item for n in names):
+            chosen = {n: item[n] for n in names}
+            extra = sorted(str(k) for k in item if k not in names)
+            if extra and notes is not None:
+                notes.append(f"{where}: keys not used by the model: {', '.join(extra)}")
+        elif len(item) == 1 and len(names) == 1:
+            chosen = {names[0]: next(iter(item.values()))}
+        else:
+            missing = next(n for n in names if n not in item)
+            keys = ", ".join(map(str, item)) or "none"
+            raise InputError(
+                f"{where}: batch {index} has no key {missing!r} for the model input "
+                f"(its keys: {keys})"
+            )
+    else:
+        if len(names) != 1:
+            raise InputError(
+                f"{where}: batch {index} is one array but the model has {len(names)} inputs "
+                f"({', '.join(names)}): yield dicts input name → array"
+            )
+        chosen = {names[0]: item}
+    arrays = {n: _as_numpy(where, n, index, v) for n, v in chosen.items()}
+    if len({len(a) for a in arrays.values()}) > 1:
+        raise InputError(f"{where}: batch {index} holds different sample counts per input")
+    return arrays
 
 
 def _take(pieces: list[np.ndarray], count: int) -> np.ndarray:
@@ -361,3 +367,23 @@ def open_hook(
         limit=min(limits) if limits else None,
         notes=notes,
     )
+
+
+def hook_sample_shapes(
+    spec: DataSpec, hook: Any, names: Sequence[str]
+) -> dict[str, tuple[int, ...]]:
+    """The per-sample shape of each model input in the hook's first batch, for a model that
+    has no input shape of its own yet (a state dict). This calls the hook once more than the
+    passes do, which call it again each anyway, and reads one batch."""
+    where = f"data hook {spec}"
+    it = hook_batches(where, hook, spec.kwargs)()
+    try:
+        first = _call(where, lambda: next(it), "at batch 0")
+    except StopIteration:
+        raise InputError(f"{where}: yielded no batches") from None
+    finally:
+        close = getattr(it, "close", None)
+        if close is not None:
+            _call(where, close, "when closed")
+    arrays = _input_arrays(where, first, 0, names, None)
+    return {n: tuple(int(d) for d in a.shape[1:]) for n, a in arrays.items()}

@@ -361,14 +361,15 @@ def sample_shapes(
     data: str | os.PathLike[str] | DataSpec, names: Sequence[str]
 ) -> dict[str, tuple[int, ...]]:
     """The per-sample shape (batch dim excluded) the data holds for each of the model inputs
-    ``names``, read from headers (images: the first one, preprocessed as the spec says), for a
-    model that has no input shape of its own yet. A data hook is not called to peek: {}.
-    Raises InputError as :func:`open_data` does."""
-    from bncheck.data.hook import hook_target
+    ``names``, read from headers (images: the first one, preprocessed as the spec says; a data
+    hook: its first batch), for a model that has no input shape of its own yet. Raises
+    InputError as :func:`open_data` does."""
+    from bncheck.data.hook import hook_sample_shapes, hook_target
 
     spec = data if isinstance(data, DataSpec) else DataSpec(data)
-    if hook_target(spec) is not None:
-        return {}
+    hook = hook_target(spec)
+    if hook is not None:
+        return hook_sample_shapes(spec, hook, names)
     p = Path(spec.source)
     specs = [TensorSpec(name, (), "float32") for name in names]
     columns = _open_columns(p, sniff_data(p), specs, spec.images, [])

@@ -113,11 +113,17 @@ class TorchHandle(ModelHandle):
         names, required = forward_args(self.module)
         return required or names[:1] or ["x"]
 
+    @property
+    def wants_data_shapes(self) -> bool:
+        """Whether :meth:`use_data_shapes` would take a shape: not a .pt2 (its program has
+        one), not one given by ``--input-shape``. Reading a data hook's shape calls it."""
+        return self.format != "pt2" and self._shape_source != GIVEN
+
     def use_data_shapes(self, shapes: Mapping[str, tuple[int, ...]]) -> bool:
         """Take the example input's shape from the data (``shapes``: input name → full shape)
         when ``--input-shape`` did not give it; a .pt2 keeps its program's. Forgets whatever
         was traced on the old shape. Returns whether the shape was taken."""
-        if self.format == "pt2" or self._shape_source == GIVEN or not shapes:
+        if not self.wants_data_shapes or not shapes:
             return False
         if self._example is not None and self.example_shapes == dict(shapes):
             self._shape_source = DATA
