@@ -225,3 +225,15 @@ def test_fold_frees_the_input_it_opened_before_writing(model_path, tmp_path, mon
     assert api.fold(mine, tmp_path / "b.onnx").passed
     assert seen == [True, False]
     assert mine.info().bn_layers  # still usable
+
+
+def test_a_frontier_tensor_that_is_not_a_float_is_compared_whole(model_path):
+    # The tail reads an int64 tensor the head makes (a shape): the bound is one for floats.
+    from bncheck.backends.onnx.region import _frontier_types
+
+    h = open_onnx(model_path)
+    folded, _ = h.folded()
+    m = folded.model
+    assert _frontier_types(m, ["n"])["n"].type.tensor_type.elem_type == TensorProto.FLOAT
+    m.graph.node.append(helper.make_node("Shape", ["n"], ["n_shape"]))
+    assert _frontier_types(m, ["n_shape"]) is None

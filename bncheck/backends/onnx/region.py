@@ -164,9 +164,13 @@ def _frontier(nodes: Iterable[NodeProto], head: set[int], outputs: set[str]) -> 
     ]
 
 
+_FLOATS = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
+
+
 def _frontier_types(model: ModelProto, frontier: list[str]) -> dict | None:
-    """A ValueInfo for each frontier tensor (declared, else inferred), or None when one has no
-    known element type (onnxruntime needs it to return the tensor)."""
+    """A ValueInfo for each frontier tensor (declared, else inferred), or None unless each is a
+    float tensor of known type: onnxruntime needs the type to return it, and the verification
+    bound is one for floats (outputs of another type are compared whole, as outputs)."""
     g = model.graph
     declared = {vi.name: vi for vi in [*g.input, *g.value_info, *g.output]}
     if any(name not in declared for name in frontier):
@@ -174,7 +178,7 @@ def _frontier_types(model: ModelProto, frontier: list[str]) -> dict | None:
     out = {}
     for name in frontier:
         vi = declared.get(name)
-        if vi is None or not vi.type.tensor_type.elem_type:
+        if vi is None or vi.type.tensor_type.elem_type not in _FLOATS:
             return None
         out[name] = vi
     return out
