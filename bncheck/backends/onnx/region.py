@@ -58,6 +58,9 @@ def changed_part(
     share = TAIL_SHARE if share is None else share
     min_bytes = TAIL_MIN_BYTES if min_bytes is None else min_bytes
     g_o, g_f = original.graph, folded.graph
+    total = sum(_declared_bytes(t) for t in g_f.initializer)
+    if total < min_bytes:
+        return None  # no tail could be large enough: spare comparing every node and weight
     inits_o = {t.name: t for t in g_o.initializer}
     inits_f = {t.name: t for t in g_f.initializer}
     signatures_o = Counter(_signature(n) for n in g_o.node)
@@ -98,7 +101,6 @@ def changed_part(
     head_reads = {name for i in head_f for name in _reads(g_f.node[i])}
     tail_reads = {name for n in tail_f for name in n.input} - head_reads
     tail_bytes = sum(_declared_bytes(inits_f[name]) for name in tail_reads if name in inits_f)
-    total = sum(_declared_bytes(t) for t in g_f.initializer)
     if tail_bytes < min_bytes or tail_bytes < share * total:
         return None
     types = _frontier_types(folded, frontier)
