@@ -34,6 +34,12 @@ def _element_bytes(t: TensorProto, n: int) -> int | None:
     return n * itemsize
 
 
+def declared_bytes(t: TensorProto) -> int:
+    """Bytes ``t``'s dims and type declare for its raw data (0 for strings), read without
+    touching the data."""
+    return _element_bytes(t, tensor_element_count(t)) or 0
+
+
 # A top-level initializer above this many bytes reaches the checker as a one-element stub.
 _STUB_ABOVE_BYTES = 4096
 _TYPED_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "double_data",
@@ -117,7 +123,7 @@ def declared_size(view: ModelProto, bare: dict[int, int]) -> int:
     for i in bare:
         t = view.graph.initializer[i]
         size = t.ByteSize()
-        full = size + _field_bytes(raw, _element_bytes(t, tensor_element_count(t)) or 0)
+        full = size + _field_bytes(raw, declared_bytes(t))
         grow += _field_bytes(init, full) - _field_bytes(init, size)
     g = view.graph.ByteSize()
     return view.ByteSize() - _field_bytes(graph, g) + _field_bytes(graph, g + grow)

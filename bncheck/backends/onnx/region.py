@@ -20,11 +20,10 @@ from typing import NamedTuple
 
 from onnx import AttributeProto, ModelProto, NodeProto, TensorProto
 
-from bncheck.backends.onnx.encoding import _element_bytes, without_initializers
+from bncheck.backends.onnx.encoding import declared_bytes, without_initializers
 from bncheck.backends.onnx.graph import (
     _subgraph_outer_reads,
     inferred_values,
-    tensor_element_count,
 )
 
 #: The unchanged tail must hold at least this share of the model's weight bytes...
@@ -58,7 +57,7 @@ def changed_part(
     share = TAIL_SHARE if share is None else share
     min_bytes = TAIL_MIN_BYTES if min_bytes is None else min_bytes
     g_o, g_f = original.graph, folded.graph
-    total = sum(_declared_bytes(t) for t in g_f.initializer)
+    total = sum(declared_bytes(t) for t in g_f.initializer)
     if total < min_bytes:
         return None  # no tail could be large enough: spare comparing every node and weight
     inits_o = {t.name: t for t in g_o.initializer}
@@ -100,7 +99,7 @@ def changed_part(
 
     head_reads = {name for i in head_f for name in _reads(g_f.node[i])}
     tail_reads = {name for n in tail_f for name in n.input} - head_reads
-    tail_bytes = sum(_declared_bytes(inits_f[name]) for name in tail_reads if name in inits_f)
+    tail_bytes = sum(declared_bytes(inits_f[name]) for name in tail_reads if name in inits_f)
     if tail_bytes < min_bytes or tail_bytes < share * total:
         return None
     types = _frontier_types(folded, frontier)
@@ -123,10 +122,6 @@ def _signature(node: NodeProto) -> bytes:
 def _same_tensor(a: TensorProto, b: TensorProto | None) -> bool:
     # protobuf compares the bytes without copying them out
     return b is not None and (a is b or a == b)
-
-
-def _declared_bytes(t: TensorProto) -> int:
-    return _element_bytes(t, tensor_element_count(t)) or 0
 
 
 def _has_subgraph(node: NodeProto) -> bool:
